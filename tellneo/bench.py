@@ -1,0 +1,323 @@
+"""Benchmark harness shared by every suite in ``benchmarks/``.
+
+A suite measures several implementations ("impls") of the same thing on the same inputs in one run and writes
+one CSV (and a PNG beside it) with the columns the design fixes::
+
+    suite, case, impl, device, dtype, shape, time_ms, peak_mb, ratio_time, ratio_mem, baseline_impl, commit, date
+
+plus any extra columns a suite adds (fill rate, tokens/s, ...). ``time_ms`` is the median of ``repeat`` timed
+calls after ``warmup`` calls; ``peak_mb`` is the peak CUDA memory allocated by the call (CUDA) or the growth of
+the process's peak resident set during the first call (CPU). On CPU every (case, impl) runs in a fresh spawned
+interpreter so that one measurement's allocator caches cannot hide another's memory.
+
+A measured callable is described by a :class:`Job`: an importable ``module:function`` that builds the inputs and
+returns a zero-argument callable to time. Building happens before the memory baseline is taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import importlib
+import math
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [
+    "suite",
+    "case",
+    "impl",
+    "device",
+    "dtype",
+    "shape",
+    "time_ms",
+    "peak_mb",
+    "ratio_time",
+    "ratio_mem",
+    "baseline_impl",
+    "commit",
+    "date",
+]
+
+
+@dataclass(frozen=True)
+class Job:
+    """``module:function`` to call with ``kwargs``; it returns the zero-argument callable to measure.
+
+    The builder may also return ``(callable, extra)`` where ``extra`` is a dict of columns for the CSV row.
+    """
+
+    target: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> tuple[Callable[[], Any], dict[str, Any]]:
+        module_name, func_name = self.target.split(":")
+        built = getattr(importlib.import_module(module_name), func_name)(**self.kwargs)
+        if isinstance(built, tuple):
+            return built[0], dict(built[1])
+        return built, {}
+
+
+@dataclass
+class Measurement:
+    time_ms: float
+    peak_mb: float
+    extra: dict[str, Any]
+
+
+def cpu_device_name() -> str:
+    from tellneo._info import cpu_name
+
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_device_name()
+
+
+def git_commit(path: str | os.PathLike[str] | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=path or Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path or Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def measure_here(job: Job, device: str, warmup: int, repeat: int) -> Measurement:
+    """Measure ``job`` in this process (used directly for CUDA, inside a fresh child for CPU)."""
+    fn, extra = job.build()
+    _sync(device)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        if not _reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); CPU peak memory unavailable")
+        before = _rss_kib("VmRSS")
+        fn()
+        peak_mb = max(0, _rss_kib("VmHWM") - before) / 1024
+    for _ in range(max(0, warmup - 1)):
+        fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Measurement(statistics.median(times), peak_mb, extra)
+
+
+def _child(job: Job, device: str, warmup: int, repeat: int, threads: int | None, queue: Any) -> None:
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        queue.put(("ok", measure_here(job, device, warmup, repeat)))
+    except BaseException as exc:  # reported to the parent, which raises
+        import traceback
+
+        queue.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def measure(
+    job: Job, device: str = "cpu", *, warmup: int = 2, repeat: int = 5, isolate: bool | None = None,
+    threads: int | None = None, timeout_s: float = 1800,
+) -> Measurement:
+    """Median time and peak memory of ``job`` on ``device``; CPU jobs run in a fresh interpreter by default."""
+    isolate = (not device.startswith("cuda")) if isolate is None else isolate
+    if not isolate:
+        return measure_here(job, device, warmup, repeat)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(job, device, warmup, repeat, threads, queue))
+    proc.start()
+    try:
+        status, payload = queue.get(timeout=timeout_s)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise RuntimeError(f"benchmark job {job.target} {job.kwargs} failed in its child process:\n{payload}")
+    return payload
+
+
+@dataclass
+class Row:
+    suite: str
+    case: str
+    impl: str
+    device: str
+    dtype: str
+    shape: str
+    time_ms: float
+    peak_mb: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def add_ratios(rows: Sequence[Row], baseline_impl: str) -> list[dict[str, Any]]:
+    """CSV dicts with ratio_time / ratio_mem against ``baseline_impl`` of the same case (NaN if absent)."""
+    base = {r.case: r for r in rows if r.impl == baseline_impl}
+    commit = git_commit()
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = []
+    for r in rows:
+        b = base.get(r.case)
+        ratio_time = r.time_ms / b.time_ms if b and b.time_ms > 0 else math.nan
+        ratio_mem = r.peak_mb / b.peak_mb if b and b.peak_mb > 0 else math.nan
+        d = {
+            "suite": r.suite,
+            "case": r.case,
+            "impl": r.impl,
+            "device": r.device,
+            "dtype": r.dtype,
+            "shape": r.shape,
+            "time_ms": round(r.time_ms, 4),
+            "peak_mb": round(r.peak_mb, 3),
+            "ratio_time": round(ratio_time, 4) if not math.isnan(ratio_time) else "nan",
+            "ratio_mem": round(ratio_mem, 4) if not math.isnan(ratio_mem) else "nan",
+            "baseline_impl": baseline_impl,
+            "commit": commit,
+            "date": date,
+        }
+        d.update(r.extra)
+        out.append(d)
+    return out
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_csv(records: Iterable[dict[str, Any]], path: Path) -> Path:
+    records = list(records)
+    extra_cols = [k for r in records for k in r if k not in COLUMNS]
+    columns = COLUMNS + list(dict.fromkeys(extra_cols))
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def plot_ratios(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Grouped bars per case: absolute time and peak memory per impl, with the ratio to the baseline on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    lookup = {(r["case"], r["impl"]): r for r in records}
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(cases) * len(impls) / 2 + 4), 4.8))
+    width = 0.8 / max(1, len(impls))
+    for ax, metric, ratio_key, label in (
+        (axes[0], "time_ms", "ratio_time", "time (ms, median)"),
+        (axes[1], "peak_mb", "ratio_mem", "peak memory (MB)"),
+    ):
+        for i, impl in enumerate(impls):
+            xs, ys, ratios = [], [], []
+            for c, case in enumerate(cases):
+                r = lookup.get((case, impl))
+                if r is None:
+                    continue
+                xs.append(c + (i - (len(impls) - 1) / 2) * width)
+                ys.append(float(r[metric]))
+                ratios.append(r[ratio_key])
+            bars = ax.bar(xs, ys, width, label=impl)
+            for bar, ratio in zip(bars, ratios):
+                if ratio not in ("nan", None) and not (isinstance(ratio, float) and math.isnan(ratio)):
+                    ax.annotate(f"{float(ratio):.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    device = records[0]["device"] if records else ""
+    baseline = records[0]["baseline_impl"] if records else ""
+    fig.suptitle(f"{title}\n{device} — ratios vs {baseline}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def results_dir(device: str, root: Path | None = None) -> Path:
+    """``benchmarks/results`` (CPU) or ``benchmarks/results/gpu`` (CUDA) of the checkout, or ``root`` if given."""
+    base = root if root is not None else Path.cwd() / "benchmarks" / "results"
+    return base / "gpu" if device.startswith("cuda") else base
