@@ -10,7 +10,7 @@ Build switches (environment variables):
   TELLNEO_CUDA_ARCHS  CMake CUDA architectures, default "80;90" (A100, H100/H200).
   TELLNEO_BUILD_JOBS  parallel compile jobs (default: CPU count).
   TELLNEO_BUILD_TYPE  CMake build type (default: Release).
-  CUDA_HOME           where to look for bin/nvcc before PATH and /usr/local/cuda.
+  CUDA_HOME           where nvcc lives (bin/nvcc); when unset, nvcc on PATH, then /usr/local/cuda.
 
 torch is deliberately not a build requirement: the extension takes raw pointers and a CUDA stream handle from
 Python, so `pip install .` works with build isolation in a fresh virtual environment.
@@ -31,14 +31,13 @@ ROOT = Path(__file__).resolve().parent
 
 
 def find_nvcc() -> str | None:
-    candidates = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "bin" / "nvcc")
-    on_path = shutil.which("nvcc")
-    if on_path:
-        candidates.append(Path(on_path))
-    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    """$CUDA_HOME/bin/nvcc (or $CUDA_PATH) when set, and only there; else nvcc on PATH, else /usr/local/cuda."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        candidates = [Path(home) / "bin" / "nvcc"]
+    else:
+        on_path = shutil.which("nvcc")
+        candidates = ([Path(on_path)] if on_path else []) + [Path("/usr/local/cuda/bin/nvcc")]
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
@@ -79,8 +78,8 @@ class CMakeBuild(build_ext):
         nvcc = find_nvcc()
         if mode == "1" and nvcc is None:
             raise RuntimeError(
-                "tellneo: TELLNEO_CUDA=1 but nvcc was not found (looked in $CUDA_HOME/bin, $PATH and "
-                "/usr/local/cuda/bin); install the CUDA toolkit or build with TELLNEO_CUDA=auto"
+                "tellneo: TELLNEO_CUDA=1 but nvcc was not found (looked in $CUDA_HOME/bin when CUDA_HOME is set, "
+                "else on $PATH and in /usr/local/cuda/bin); install the CUDA toolkit or build with TELLNEO_CUDA=auto"
             )
         want_cuda = nvcc is not None and mode in ("auto", "1")
         if want_cuda:

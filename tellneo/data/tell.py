@@ -1,0 +1,196 @@
+"""TELL's data path: an anchor prompt in front of every task sample, and an extensive shuffle that spreads the few
+task samples evenly through a large general stream.
+
+The mixed order for one epoch is a pure function of ``(n_task, n_general, task_ratio, seed, epoch, spread)``:
+
+* ``K = round(task_ratio * G / (1 - task_ratio))`` task slots among ``T = G + K`` samples (G general samples, each
+  used once per epoch). Task samples are drawn in rounds: every round is a fresh permutation of the task set, so
+  each task sample repeats about ``K / n_task`` times and no sample repeats before all others have been used.
+* ``spread="stratified"`` (default, the *extensive shuffle*): slot k is drawn uniformly inside the k-th of K equal
+  strata of ``[0, T)``. **Guarantee**: every window of m consecutive samples holds c task samples with
+  ``|c - rho * m| < 2 + rho`` where ``rho = K / T`` (so never a burst, never a drought). A packing plan that keeps
+  order (``wrap``, or ``bfd``/``ffd`` with a ``window``) carries the bound over to rows: the samples in the rows
+  of any run of whole packing windows satisfy it.
+* ``spread="random"``: a uniform random shuffle (what "randomly mixed" gives; deviations grow like sqrt(m)).
+* ``spread="end"``: the task block after all general samples (the "no shuffle" ablation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from tellneo.data import rng
+from tellneo.data.tokens import IGNORE_INDEX, TokenStore, _as_int_array
+
+SPREADS = ("stratified", "random", "end")
+
+# Stream ids of the counter-based RNG (rng.stream_id(epoch, purpose, ...)).
+_GENERAL_ORDER, _TASK_ROUND, _SLOTS = 1, 2, 3
+
+
+def num_task_slots(n_general: int, task_ratio: float) -> int:
+    """K such that K / (K + n_general) is as close as possible to ``task_ratio`` (at least 1)."""
+    return max(1, int(round(task_ratio * n_general / (1.0 - task_ratio))))
+
+
+def _check_ratio(task_ratio: float) -> None:
+    if isinstance(task_ratio, bool) or not isinstance(task_ratio, (int, float)) or not 0.0 < task_ratio < 1.0:
+        raise ValueError(f"task_ratio must be a number in (0, 1) (fraction of task samples), got {task_ratio!r}")
+
+
+def _check_seed(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def mix_order(
+    n_task: int, n_general: int, *, task_ratio: float, seed: int, epoch: int, spread: str = "stratified"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The mixed order of one epoch: ``(is_task [T] bool, index [T] int64)``.
+
+    ``index[j]`` is an index into the task set where ``is_task[j]``, else into the general set.
+    """
+    if n_task <= 0:
+        raise ValueError("the task set is empty: TELL needs at least one task sample")
+    if n_general <= 0:
+        raise ValueError("the general set is empty: TELL mixes task samples into general data")
+    _check_ratio(task_ratio)
+    _check_seed("seed", seed)
+    _check_seed("epoch", epoch)
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
+    k = num_task_slots(n_general, task_ratio)
+    total = n_general + k
+
+    rounds = -(-k // n_task)
+    task_seq = np.concatenate(
+        [rng.permutation(n_task, seed, rng.stream_id(epoch, _TASK_ROUND, r)) for r in range(rounds)]
+    )[:k]
+    general_seq = rng.permutation(n_general, seed, rng.stream_id(epoch, _GENERAL_ORDER))
+
+    if spread == "stratified":
+        strata = np.arange(k + 1, dtype=np.int64) * total // k  # integer strata bounds, each >= 1 wide
+        width = np.diff(strata)
+        u = rng.uniform(seed, rng.stream_id(epoch, _SLOTS), k)
+        slots = strata[:-1] + np.minimum((u * width).astype(np.int64), width - 1)
+    elif spread == "random":
+        slots = np.sort(rng.permutation(total, seed, rng.stream_id(epoch, _SLOTS))[:k])
+    else:
+        slots = np.arange(n_general, total, dtype=np.int64)
+
+    is_task = np.zeros(total, dtype=bool)
+    is_task[slots] = True
+    index = np.empty(total, dtype=np.int64)
+    index[is_task] = task_seq
+    index[~is_task] = general_seq
+    return is_task, index
+
+
+def anchored_task_store(task: TokenStore, anchor_ids: Sequence[int], *, train_anchor: bool = False) -> TokenStore:
+    """Every task sample with ``anchor_ids`` in front; anchor labels are -100 unless ``train_anchor``."""
+    anchor = _as_int_array(np.asarray(list(anchor_ids), dtype=np.int64), "anchor_ids").astype(np.int64)
+    if anchor.size and anchor.min() < 0:
+        raise ValueError("anchor_ids must be non-negative token ids")
+    n = len(task)
+    lengths = task.lengths + anchor.size
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    is_anchor = np.zeros(int(offsets[-1]), dtype=bool)
+    if anchor.size:
+        is_anchor[(offsets[:-1, None] + np.arange(anchor.size)).ravel()] = True
+    dtype = np.int64 if task.tokens.dtype == np.int64 or (anchor.size and anchor.max() >= 2**31) else np.int32
+    tokens = np.empty(int(offsets[-1]), dtype=dtype)
+    tokens[is_anchor] = np.tile(anchor, n)
+    tokens[~is_anchor] = task.tokens
+    labels = np.empty(int(offsets[-1]), dtype=np.int64)
+    labels[is_anchor] = np.tile(anchor, n) if train_anchor else IGNORE_INDEX
+    labels[~is_anchor] = task.labels if task.labels is not None else task.tokens
+    return TokenStore(tokens, offsets, labels)
+
+
+def tell_mix_store(
+    task: TokenStore,
+    general: TokenStore,
+    *,
+    anchor_ids: Sequence[int],
+    task_ratio: float,
+    seed: int,
+    epoch: int,
+    spread: str = "stratified",
+    train_anchor: bool = False,
+) -> tuple[TokenStore, np.ndarray]:
+    """:func:`tell_mix` on TokenStores, vectorised: ``(mixed store, is_task [T] bool)``."""
+    is_task, index = mix_order(len(task), len(general), task_ratio=task_ratio, seed=seed, epoch=epoch, spread=spread)
+    anchored = anchored_task_store(task, anchor_ids, train_anchor=train_anchor)
+    combined = TokenStore.concat([general, anchored])
+    return combined.take(np.where(is_task, index + len(general), index)), is_task
+
+
+def tell_mix(
+    task: Sequence[Any],
+    general: Sequence[Any],
+    *,
+    anchor_ids: Sequence[int],
+    task_ratio: float,
+    seed: int,
+    epoch: int,
+    task_labels: Sequence[Any] | None = None,
+    general_labels: Sequence[Any] | None = None,
+    spread: str = "stratified",
+    train_anchor: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Mix a few task samples into general samples for one epoch of TELL.
+
+    Args:
+        task, general: lists of 1-D token sequences (lists, NumPy or torch).
+        anchor_ids: the anchor prompt's token ids, put in front of every task sample (may be empty: the "no
+            anchor" ablation). Its positions get label -100 unless ``train_anchor``.
+        task_ratio: fraction of the returned samples that are task samples, in (0, 1); task samples repeat (in
+            rounds of fresh permutations) or are subsampled as needed. General samples are used once each.
+        seed, epoch: the order is a pure function of these (and the sizes); different epochs differ.
+        task_labels, general_labels: optional per-token labels shaped like the inputs (-100 = untrained).
+        spread: ``"stratified"`` (the extensive shuffle, bounded dispersion), ``"random"`` or ``"end"``; see the
+            module docstring.
+
+    Returns:
+        ``(samples, labels, is_task)``: lists of 1-D int64 tensors in the mixed order, and a bool tensor.
+    """
+    if len(task) == 0:
+        raise ValueError("task is empty: TELL needs at least one task sample")
+    if len(general) == 0:
+        raise ValueError("general is empty: TELL mixes task samples into general data")
+    task_store = TokenStore.from_sequences(task, task_labels)
+    general_store = TokenStore.from_sequences(general, general_labels)
+    mixed, is_task = tell_mix_store(
+        task_store, general_store, anchor_ids=anchor_ids, task_ratio=task_ratio, seed=seed, epoch=epoch,
+        spread=spread, train_anchor=train_anchor,
+    )
+    tokens = torch.from_numpy(mixed.tokens.astype(np.int64))
+    labels = torch.from_numpy(mixed.labels if mixed.labels is not None else mixed.tokens.astype(np.int64))
+    bounds = mixed.offsets.tolist()
+    samples = [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    label_list = [labels[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return samples, label_list, torch.from_numpy(is_task)
+
+
+def build_anchor_prompt(
+    *, role: str, goal: str, output_constraints: Sequence[str] = (), guidelines: Sequence[str] = ()
+) -> str:
+    """A structured anchor prompt in the TELL paper's shape: role and goal, output constraints, guidelines."""
+    parts = [f"Role: {role.strip()}", f"Goal: {goal.strip()}"]
+    if output_constraints:
+        parts.append("Output constraints:\n" + "\n".join(f"- {c.strip()}" for c in output_constraints))
+    if guidelines:
+        parts.append("Guidelines:\n" + "\n".join(f"{i + 1}. {g.strip()}" for i, g in enumerate(guidelines)))
+    return "\n\n".join(parts) + "\n\n"
+
+
+def anchor_token_ids(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of an anchor prompt (no special tokens added)."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
