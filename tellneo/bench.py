@@ -24,12 +24,13 @@ import multiprocessing as mp
 import os
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tellneo.io import atomic_write_text
 
 COLUMNS = [
     "suite",
@@ -240,19 +241,6 @@ def add_ratios(rows: Sequence[Row], baseline_impl: str) -> list[dict[str, Any]]:
         d.update(r.extra)
         out.append(d)
     return out
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_csv(records: Iterable[dict[str, Any]], path: Path) -> Path:

@@ -17,6 +17,7 @@ import torch
 from tellneo.data import rng
 from tellneo.data.emit import emit_rows
 from tellneo.data.planning import Plan, plan
+from tellneo.data.tell import spread_task_rows
 from tellneo.data.tokens import IGNORE_INDEX, TokenStore
 
 _SAMPLE_ORDER, _ROW_ORDER = 11, 12
@@ -26,8 +27,10 @@ class PackedDataset(torch.utils.data.Dataset):
     """Rows of ``seq_len`` tokens packed from a :class:`TokenStore`, emitted on demand.
 
     Args:
-        source: a TokenStore, or a function ``epoch -> TokenStore`` whose output is already in training order (e.g.
-            :func:`tellneo.data.tell_mix_store` for TELL).
+        source: a TokenStore, or a function ``epoch -> TokenStore`` whose output is already in training order, or
+            ``epoch -> (TokenStore, is_task)`` as :func:`tellneo.data.tell_mix_store` returns for TELL; with
+            ``is_task`` and ``shuffle=False`` the rows of each packing window are ordered by
+            :func:`tellneo.data.tell.spread_task_rows` so task samples stay evenly spread after packing.
         seq_len: row length.
         strategy, overlong, window: packing options (see :mod:`tellneo.data.planning`).
         seed: drives the per-epoch sample shuffle and row shuffle.
@@ -83,18 +86,26 @@ class PackedDataset(torch.utils.data.Dataset):
         self._cache = self._build(self._epoch)
 
     def _build(self, epoch: int) -> tuple[TokenStore, Plan, np.ndarray]:
+        is_task = None
         if isinstance(self.source, TokenStore):
             store = self.source
             if self.shuffle:
                 store = store.take(rng.permutation(len(store), self.seed, rng.stream_id(epoch, _SAMPLE_ORDER)))
         else:
             store = self.source(epoch)
+            if isinstance(store, tuple):
+                store, is_task = store
             if not isinstance(store, TokenStore) or len(store) == 0:
-                raise ValueError(f"source({epoch}) must return a non-empty TokenStore")
+                raise ValueError(f"source({epoch}) must return a non-empty TokenStore (or a (TokenStore, is_task) pair)")
         p = plan(store.lengths, self.seq_len, strategy=self.strategy, overlong=self.overlong, window=self.window,
                  backend="torch" if self.backend == "torch" else "auto")
-        order = (rng.permutation(p.num_rows, self.seed, rng.stream_id(epoch, _ROW_ORDER)) if self.shuffle
-                 else np.arange(p.num_rows, dtype=np.int64))
+        if self.shuffle:
+            order = rng.permutation(p.num_rows, self.seed, rng.stream_id(epoch, _ROW_ORDER))
+        elif is_task is not None:
+            order = spread_task_rows(p, is_task)
+        else:
+            order = np.arange(p.num_rows, dtype=np.int64)
+        self.is_task = is_task  # [samples] bool or None, for this epoch's store
         return store, p, order
 
     @property
@@ -104,6 +115,11 @@ class PackedDataset(torch.utils.data.Dataset):
     @property
     def plan(self) -> Plan:
         return self._cache[1]
+
+    @property
+    def row_order(self) -> np.ndarray:
+        """``[num_rows]``: item i of this epoch is plan row ``row_order[i]``."""
+        return self._cache[2]
 
     def __len__(self) -> int:
         return self.plan.num_rows

@@ -11,6 +11,9 @@ The mixed order for one epoch is a pure function of ``(n_task, n_general, task_r
   ``|c - rho * m| < 2 + rho`` where ``rho = K / T`` (so never a burst, never a drought). A packing plan that keeps
   order (``wrap``, or ``bfd``/``ffd`` with a ``window``) carries the bound over to rows: the samples in the rows
   of any run of whole packing windows satisfy it.
+  Inside a packing window, bfd/ffd sort samples by length, which groups the (similar-length) task samples
+  into a few rows; :func:`spread_task_rows` then orders each window's rows so that the task-bearing rows sit at
+  evenly spaced positions (``PackedDataset`` does this when its source also returns ``is_task``).
 * ``spread="random"``: a uniform random shuffle (what "randomly mixed" gives; deviations grow like sqrt(m)).
 * ``spread="end"``: the task block after all general samples (the "no shuffle" ablation).
 """
@@ -88,6 +91,35 @@ def mix_order(
     index[is_task] = task_seq
     index[~is_task] = general_seq
     return is_task, index
+
+
+def spread_task_rows(plan: Any, is_task: np.ndarray) -> np.ndarray:
+    """A row order (``[num_rows]`` int64 permutation) that keeps packing windows in place and, inside each window,
+    puts the rows holding task samples at evenly spaced positions (row k of m task rows at slot
+    ``(2k + 1) * n // (2m)`` of the window's n rows), the other rows keeping their order.
+    """
+    is_task = np.asarray(is_task, dtype=bool)
+    if is_task.size != int(plan.sample.max(initial=-1)) + 1 and plan.num_pieces:
+        raise ValueError(f"is_task has {is_task.size} entries but the plan covers {int(plan.sample.max()) + 1} samples")
+    task_rows = np.zeros(plan.num_rows, dtype=bool)
+    task_rows[plan.row[is_task[plan.sample]]] = True
+    window = plan.window if plan.strategy != "wrap" and plan.window else max(plan.num_pieces, 1)
+    # rows of window k are a contiguous range; find the range boundaries from the pieces
+    n_windows = -(-plan.num_pieces // window)
+    bounds = [int(plan.row[k * window : (k + 1) * window].min()) for k in range(n_windows)] + [plan.num_rows]
+    order = np.arange(plan.num_rows, dtype=np.int64)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        rows = np.arange(a, b)
+        marked, plain = rows[task_rows[a:b]], rows[~task_rows[a:b]]
+        if marked.size == 0 or plain.size == 0:
+            continue
+        n, m = b - a, marked.size
+        slots = (2 * np.arange(m) + 1) * n // (2 * m)
+        is_slot = np.zeros(n, dtype=bool)
+        is_slot[slots] = True
+        order[a:b][is_slot] = marked
+        order[a:b][~is_slot] = plain
+    return order
 
 
 def anchored_task_store(task: TokenStore, anchor_ids: Sequence[int], *, train_anchor: bool = False) -> TokenStore:

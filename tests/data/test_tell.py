@@ -140,3 +140,22 @@ def test_bad_tell_input():
         mix_order(1, 1, task_ratio=0.5, seed=0, epoch=0, spread="burst")
     with pytest.raises(TypeError, match="integer token ids"):
         tell_mix([[1.5]], [[2]], anchor_ids=[], task_ratio=0.5, seed=0, epoch=0)
+
+
+def test_spread_task_rows_evens_out_rows_inside_windows():
+    from tellneo.data import PackedDataset
+
+    rng = np.random.default_rng(0)
+    general = TokenStore.from_sequences([rng.integers(0, 100, size=int(n)).tolist() for n in rng.integers(5, 200, 3000)])
+    task = TokenStore.from_sequences([rng.integers(0, 100, size=int(n)).tolist() for n in rng.integers(60, 70, 16)])
+
+    def deviation(ds):
+        p, is_task = ds.plan, mixed(ds.epoch)[1]
+        per_row = np.bincount(p.row, weights=is_task[p.sample], minlength=p.num_rows)[ds.row_order]
+        return window_deviation(per_row, per_row.sum() / per_row.size)
+
+    mixed = lambda epoch: tell_mix_store(task, general, anchor_ids=[1] * 40, task_ratio=0.05, seed=0, epoch=epoch)
+    spread = PackedDataset(mixed, 512, shuffle=False, window=400)
+    plain = PackedDataset(lambda epoch: mixed(epoch)[0], 512, shuffle=False, window=400)
+    assert np.array_equal(np.sort(spread.row_order), np.arange(len(spread)))
+    assert deviation(spread) < 0.5 * deviation(plain)

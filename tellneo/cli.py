@@ -1,0 +1,69 @@
+"""``tellneo`` console entry point: one subcommand per module in :mod:`tellneo.commands`.
+
+User errors (missing or corrupt files, bad flags, unwritable output) print one line and exit with status 2;
+Ctrl-C exits with 130 after the running command has saved what it can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+COMMANDS = ("info", "mix", "distill", "tell", "bench")
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from tellneo._backend import BackendError
+    from tellneo._ext import NativeExtensionError
+    from tellneo.data.chat import DataFileError
+    from tellneo.models import ModelNotFoundError
+
+    return (UserError, DataFileError, ModelNotFoundError, NativeExtensionError, BackendError, PermissionError,
+            FileExistsError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tellneo",
+        description="Token-efficient fine-tuning (TELL) and LoRA distillation (LLM-NEO) of causal LMs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"tellneo.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"tellneo.commands.{name}":
+                continue  # command not shipped in this version
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\ntellneo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as exc:
+        print(f"tellneo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

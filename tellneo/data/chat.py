@@ -1,0 +1,166 @@
+"""Reading instruction data (jsonl) and tokenizing it with the tokenizer's chat template.
+
+Accepted records (one JSON object per line):
+
+* ``{"prompt": "...", "response": "..."}`` — one user turn and one assistant turn;
+* ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`` — a conversation;
+* ``{"text": "..."}`` — plain text, every token trained.
+
+Only assistant tokens are trained by default (labels -100 elsewhere); the prompt part comes from rendering the
+conversation up to each assistant turn with ``add_generation_prompt=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tellneo.data.tokens import IGNORE_INDEX, TokenStore
+
+
+class DataFileError(ValueError):
+    """A data file is missing, unreadable, empty, or has an invalid line (the message names file and line)."""
+
+
+def _validate_record(rec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise DataFileError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataFileError(f"{where}: 'messages' must be a non-empty list")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                "system", "user", "assistant"):
+                raise DataFileError(f"{where}: messages[{j}] needs a role (system/user/assistant) and a string content")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataFileError(f"{where}: the conversation has no assistant turn to train on")
+        return rec
+    if "prompt" in rec or "response" in rec:
+        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str):
+            raise DataFileError(f"{where}: 'prompt' and 'response' must both be strings")
+        return rec
+    if "text" in rec:
+        if not isinstance(rec["text"], str) or not rec["text"]:
+            raise DataFileError(f"{where}: 'text' must be a non-empty string")
+        return rec
+    raise DataFileError(f"{where}: a record needs 'prompt'+'response', 'messages' or 'text'; got keys {sorted(rec)}")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a jsonl file, validated; errors name the file and the 1-based line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: no such file")
+    records = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataFileError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                records.append(_validate_record(rec, f"{path}:{lineno}"))
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{path}: not UTF-8 text ({exc})") from None
+    if not records:
+        raise DataFileError(f"{path}: the file holds no records")
+    return records
+
+
+def to_messages(rec: dict[str, Any], system: str | None = None) -> list[dict[str, str]]:
+    if "messages" in rec:
+        msgs = list(rec["messages"])
+    else:
+        msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+    if system is not None and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system}, *msgs]
+    return msgs
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize_records(
+    records: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    system: str | None = None,
+    prompt_prefix: str = "",
+    train_prompt: bool = False,
+    vocab_size: int | None = None,
+) -> TokenStore:
+    """Tokenize records into a :class:`TokenStore` whose labels train assistant tokens only.
+
+    ``prompt_prefix`` is put in front of the first user message (how the TELL recipe attaches an anchor prompt
+    in text form); ``system`` adds a system message where there is none. ``train_prompt=True`` trains every
+    token. Raises ValueError if the chat template is not prefix-stable (the prompt's tokens must be a prefix of
+    the conversation's tokens).
+    """
+    if len(records) == 0:
+        raise DataFileError("no records to tokenize")
+    texts: list[str] = []
+    spans: list[list[tuple[int, int]]] = []  # per record: (prefix text index, full text index) per assistant turn
+    plain: list[bool] = []
+    for i, rec in enumerate(records):
+        _validate_record(rec, f"record {i}")
+        if "text" in rec:
+            texts.append(rec["text"] + (tokenizer.eos_token or ""))
+            spans.append([])
+            plain.append(True)
+            continue
+        msgs = to_messages(rec, system)
+        if prompt_prefix:
+            first_user = next(j for j, m in enumerate(msgs) if m["role"] == "user") if any(
+                m["role"] == "user" for m in msgs) else None
+            if first_user is not None:
+                msgs[first_user] = {**msgs[first_user], "content": prompt_prefix + msgs[first_user]["content"]}
+        turns = []
+        for j, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                texts.append(_render(tokenizer, msgs[:j], True))
+                texts.append(_render(tokenizer, msgs[: j + 1], False))
+                turns.append((len(texts) - 2, len(texts) - 1))
+        spans.append(turns)
+        plain.append(False)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    samples, labels = [], []
+    t = 0
+    for i, (turns, is_plain) in enumerate(zip(spans, plain)):
+        if is_plain:
+            full = np.asarray(ids[t], dtype=np.int64)
+            t += 1
+            samples.append(full)
+            labels.append(full.copy())
+            continue
+        full = np.asarray(ids[turns[-1][1]], dtype=np.int64)
+        label = full.copy() if train_prompt else np.full(full.size, IGNORE_INDEX, dtype=np.int64)
+        for prefix_at, full_at in turns:
+            prefix, upto = ids[prefix_at], ids[full_at]
+            if list(full[: len(upto)]) != list(upto) or upto[: len(prefix)] != prefix:
+                raise ValueError(
+                    f"record {i}: the chat template is not prefix-stable for this tokenizer, so prompt and "
+                    "response tokens cannot be told apart; pass train_prompt=True or use 'text' records"
+                )
+            label[len(prefix) : len(upto)] = full[len(prefix) : len(upto)]
+        t += 2 * len(turns)
+        samples.append(full)
+        labels.append(label)
+    return TokenStore.from_sequences(samples, labels, vocab_size=vocab_size)
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Write records atomically (a temporary file renamed into place)."""
+    from tellneo.io import atomic_write_text
+
+    path = Path(path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
