@@ -189,8 +189,20 @@ def measure(
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(job, device, warmup, repeat, threads, queue))
     proc.start()
+    deadline = time.monotonic() + timeout_s
     try:
-        status, payload = queue.get(timeout=timeout_s)
+        while True:
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except Exception:  # queue.Empty: keep waiting while the child lives
+                if not proc.is_alive():
+                    raise RuntimeError(
+                        f"benchmark job {job.target} {job.kwargs} died with exit code {proc.exitcode} "
+                        "(-9 usually means the kernel's out-of-memory killer)"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"benchmark job {job.target} {job.kwargs} ran over {timeout_s} s") from None
     finally:
         proc.join(timeout=30)
         if proc.is_alive():

@@ -1,0 +1,62 @@
+"""``tellneo bench``: run the benchmark suites of a tellneo checkout and regenerate their CSV + PNG files."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+
+def _checkout_root(start: Path) -> Path | None:
+    for d in (start, *start.parents):
+        if (d / "benchmarks" / "__init__.py").is_file() and (d / "tellneo").is_dir():
+            return d
+    here = Path(__file__).resolve().parents[2]  # editable install: the package lives in the checkout
+    return here if (here / "benchmarks" / "__init__.py").is_file() else None
+
+
+def available_suites(root: Path) -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in (root / "benchmarks").glob("bench_*.py"))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run benchmark suites (tellneo vs its peers) and write CSV + PNG",
+        description="Run the benchmark scripts benchmarks/bench_<name>.py of a tellneo checkout (found from the "
+                    "current directory or the editable install). Each writes CSV + PNG under "
+                    "benchmarks/results/ (benchmarks/results/gpu/ for CUDA runs). Extra arguments after '--' "
+                    "are passed to every suite (e.g. -- --quick).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("suites", nargs="*", help="suite names (e.g. mixer); default: all suites found")
+    p.add_argument("--list", action="store_true", help="list the suites and exit")
+    p.add_argument("suite_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tellneo.cli import UserError
+
+    root = _checkout_root(Path.cwd())
+    if root is None:
+        raise UserError("no tellneo checkout found: run `tellneo bench` inside the repository (benchmarks/ is not "
+                        "installed with the package)")
+    suites = available_suites(root)
+    if args.list:
+        print("\n".join(suites))
+        return 0
+    extra = [a for a in args.suite_args if a != "--"]
+    chosen = [s for s in args.suites if s != "--"] or suites
+    unknown = sorted(set(chosen) - set(suites))
+    if unknown:
+        raise UserError(f"unknown suite(s) {unknown}; available: {suites}")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    status = 0
+    for name in chosen:
+        print(f"== tellneo bench {name} ==", flush=True)
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        status |= int(module.main(extra) or 0)
+    return status
