@@ -21,15 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tellneo.ops._kd_args import KDConfig, KDInputs
-from tellneo.ops.divergences import (
-    compute_dtype,
-    kd_per_token,
-    kd_per_token_and_grad,
-    topk_kd_per_token,
-    topk_kd_per_token_and_grad,
-    transform_grad_factor,
-    transform_logits,
-)
+from tellneo.ops.divergences import compute_dtype, kd_per_token_and_grad, topk_kd_per_token_and_grad
 
 # Elements of one [chunk, V] fp32 temporary: 4 Mi elements = 16 MiB; the chunk path keeps ~5 of them alive.
 CHUNK_ELEMENTS = 1 << 22
@@ -58,9 +50,53 @@ def valid_mask(inp: KDInputs, cfg: KDConfig) -> torch.Tensor:
     return inp.labels != cfg.ignore_index
 
 
+class _Workspace:
+    """Preallocated ``[rows, V]`` compute-dtype slabs reused by every chunk of one call: fresh multi-MB
+    allocations per chunk cost more in page faults than the arithmetic done in them."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows, self.vocab, self.dtype, self.device = rows, vocab, dtype, device
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, r: int) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None:
+            buf = self._bufs[name] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
+        return buf[:r]
+
+
+def _logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: KDConfig,
+                 inv_temp: float = 1.0) -> torch.Tensor:
+    """``out = transform(x W^T + b) * inv_temp`` in the compute dtype, in place. Half-precision inputs go through
+    ``F.linear`` in their dtype first, so the logits are rounded exactly like the model's own ``lm_head``."""
+    if x.dtype == out.dtype:
+        torch.matmul(x, w.t(), out=out)
+        if b is not None:
+            out.add_(b)
+    else:
+        out.copy_(F.linear(x, w, b))
+    if cfg.logit_scale != 1.0:
+        out.mul_(cfg.logit_scale)
+    if cfg.softcap is not None:
+        out.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+    if inv_temp != 1.0:
+        out.mul_(inv_temp)
+    return out
+
+
+def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = softmax(x)`` row-wise; returns ``logsumexp(x)`` ``[rows]``."""
+    m = x.amax(-1, keepdim=True)
+    torch.sub(x, m, out=out).exp_()
+    total = out.sum(-1, keepdim=True)
+    out.div_(total)
+    return (m + total.log()).squeeze(-1)
+
+
 def _chunk(
     inp: KDInputs,
     cfg: KDConfig,
+    ws: _Workspace,
     r0: int,
     r1: int,
     w_ce: torch.Tensor | None,
@@ -68,92 +104,78 @@ def _chunk(
     want_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """CE, KD (with kd_scale) and stats of rows [r0, r1); with ``want_grad``, also ``d(sum w_ce CE + w_kd KD)/dz``
-    for the student's raw logits ``z = h W^T + b`` (``[rows, V]``, compute dtype). A ``None`` weight means zero."""
-    cdt = cdtype_of(inp)
+    for the student's raw logits ``z = h W^T + b`` (``[rows, V]``, a workspace slab). A ``None`` weight means
+    zero."""
+    cdt = ws.dtype
     h = inp.student_hidden[r0:r1]
     rows = r1 - r0
     dev = h.device
     labels = inp.labels[r0:r1] if inp.labels is not None else None
     valid = labels != cfg.ignore_index if labels is not None else torch.ones(rows, dtype=torch.bool, device=dev)
-
-    z = transform_logits(F.linear(h, inp.student_weight, inp.student_bias).to(cdt), cfg.logit_scale, cfg.softcap)
+    T = cfg.temperature
     stats = torch.zeros(rows, NUM_STATS, dtype=cdt, device=dev)
     ce = torch.zeros(rows, dtype=cdt, device=dev)
     kd = torch.zeros(rows, dtype=cdt, device=dev)
     dz = None
-    T = cfg.temperature
 
+    z = _logits_into(ws("z", rows), h, inp.student_weight, inp.student_bias, cfg)
+    probs_z = None
     if labels is not None:
-        lse_z = torch.logsumexp(z, dim=-1)
+        probs_z = ws("probs_z", rows)
+        lse_z = _softmax_into(z, probs_z)
         safe = torch.where(valid, labels, 0)
         ce = torch.where(valid, lse_z - z.gather(1, safe[:, None]).squeeze(1), 0.0)
         stats[:, 0] = lse_z
-        if want_grad and w_ce is not None:
-            wc = torch.where(valid, w_ce, 0.0).to(cdt)
-            dz = torch.exp(z - lse_z[:, None]).mul_(wc[:, None])
-            dz.scatter_add_(1, safe[:, None], -wc[:, None])
 
     if inp.has_teacher:
-        s = z / T if T != 1.0 else z
-        lse_s = stats[:, 0] if (T == 1.0 and labels is not None) else torch.logsumexp(s, dim=-1)
-        stats[:, 1] = lse_s
         kd_grad = want_grad and w_kd is not None
+        log_q = ws("log_q", rows)
+        if T == 1.0 and probs_z is not None:
+            q, lse_s = probs_z, stats[:, 0]  # same distribution: reuse
+            torch.sub(z, lse_s[:, None], out=log_q)
+        else:
+            torch.mul(z, 1.0 / T, out=log_q)
+            q = ws("q", rows)
+            lse_s = _softmax_into(log_q, q)
+            log_q.sub_(lse_s[:, None])
+        stats[:, 1] = lse_s
         wk = torch.where(valid, w_kd, 0.0).to(cdt) * (cfg.kd_scale / T) if kd_grad else None
         if inp.teacher_weight is not None:
-            t = transform_logits(
-                F.linear(inp.teacher_hidden[r0:r1], inp.teacher_weight, inp.teacher_bias).to(cdt),
-                cfg.logit_scale, cfg.softcap,
-            )
-            if T != 1.0:
-                t = t / T
-            lse_t = torch.logsumexp(t, dim=-1)
+            log_p = _logits_into(ws("log_p", rows), inp.teacher_hidden[r0:r1], inp.teacher_weight,
+                                 inp.teacher_bias, cfg, 1.0 / T)
+            p = ws("p", rows)
+            lse_t = _softmax_into(log_p, p)
+            log_p.sub_(lse_t[:, None])
             stats[:, 2] = lse_t
-            log_q = s - lse_s[:, None]
-            log_p = t.sub_(lse_t[:, None])
-            if kd_grad:
-                value, grad = kd_per_token_and_grad(log_q, log_p, cfg.divergence, cfg.beta)
-                grad.mul_(wk[:, None])
-                dz = grad if dz is None else dz.add_(grad)
-            else:
-                value = kd_per_token(log_q, log_p, cfg.divergence, cfg.beta)
-            stats[:, 3] = _aux_stat(log_q, log_p, value, cfg)
+            value, grad, aux = kd_per_token_and_grad(
+                log_q, log_p, cfg.divergence, cfg.beta, q=q, p=p, scratch=ws("scratch", rows),
+                need_grad=kd_grad, overwrite=True,
+            )
+            stats[:, 3] = aux
         else:
-            ids = inp.topk_ids[r0:r1]
+            s_ids = log_q.gather(1, inp.topk_ids[r0:r1]) + lse_s[:, None]
             lps = inp.topk_logprobs[r0:r1].to(cdt)
-            s_ids = s.gather(1, ids)
-            if kd_grad:
-                value, g_ids, g_lse = topk_kd_per_token_and_grad(s_ids, lse_s, lps, cfg.divergence, cfg.beta)
-                g_ids.mul_(wk[:, None])
-                g_lse.mul_(wk)
-                # dD/ds_j = dD/dlse * q_j + [j in ids] dD/ds_ids
-                grad = torch.exp(s - lse_s[:, None]).mul_(g_lse[:, None])
-                grad.scatter_add_(1, ids, g_ids)
-                dz = grad if dz is None else dz.add_(grad)
-            else:
-                value = topk_kd_per_token(s_ids, lse_s, lps, cfg.divergence, cfg.beta)
+            value, g_ids, g_lse = topk_kd_per_token_and_grad(s_ids, lse_s, lps, cfg.divergence, cfg.beta)
+            grad = None
+            if kd_grad:  # dD/ds_j = dD/dlse * q_j + [j in ids] dD/ds_ids
+                grad = torch.mul(q, g_lse[:, None], out=log_q)
+                grad.scatter_add_(1, inp.topk_ids[r0:r1], g_ids)
+        if kd_grad:
+            dz = grad.mul_(wk[:, None])
         kd = torch.where(valid, value * cfg.kd_scale, 0.0)
 
     if want_grad:
+        if labels is not None and w_ce is not None:
+            wc = torch.where(valid, w_ce, 0.0).to(cdt)
+            dz = probs_z.mul_(wc[:, None]) if dz is None else dz.addcmul_(probs_z, wc[:, None])
+            dz.scatter_add_(1, safe[:, None], -wc[:, None])
         if dz is None:
-            dz = torch.zeros_like(z)
-        factor = transform_grad_factor(z, cfg.logit_scale, cfg.softcap)
-        if isinstance(factor, torch.Tensor):
-            dz.mul_(factor)
-        elif factor != 1.0:
-            dz.mul_(factor)
+            dz = ws("log_q", rows).zero_()
+        if cfg.softcap is not None:  # d transform / dz = logit_scale (1 - (y / c)^2), y = transformed logits
+            dz.mul_(z.div_(cfg.softcap).square_().neg_().add_(1.0).mul_(cfg.logit_scale))
+        elif cfg.logit_scale != 1.0:
+            dz.mul_(cfg.logit_scale)
     return ce, kd, stats, dz
-
-
-def _aux_stat(log_q: torch.Tensor, log_p: torch.Tensor, value: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
-    """The per-row statistic the backward of each divergence needs (see divergences' module docstring)."""
-    if cfg.divergence == "reverse_kl":
-        return value
-    if cfg.divergence == "jsd":
-        from tellneo.ops.divergences import _mixture_log_probs
-
-        log_m = _mixture_log_probs(log_q, log_p, cfg.beta)
-        return (log_q.exp() * (log_q - log_m)).sum(-1)
-    return torch.zeros_like(value)
 
 
 class _GradAccumulator:
@@ -209,11 +231,12 @@ def forward(
         w_ce_all = ((1.0 - cfg.alpha) * gs).expand(n) if cfg.alpha < 1.0 else None
         w_kd_all = (cfg.alpha * gs).expand(n) if cfg.alpha > 0.0 else None
     step = chunk_rows_for(inp.student_weight.shape[0], n, chunk_elements)
+    ws = _Workspace(step, inp.student_weight.shape[0], cdt, dev)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         wc = w_ce_all[r0:r1] if fused and w_ce_all is not None else None
         wk = w_kd_all[r0:r1] if fused and w_kd_all is not None else None
-        ce[r0:r1], kd[r0:r1], stats[r0:r1], dz = _chunk(inp, cfg, r0, r1, wc, wk, fused)
+        ce[r0:r1], kd[r0:r1], stats[r0:r1], dz = _chunk(inp, cfg, ws, r0, r1, wc, wk, fused)
         if fused:
             acc.add(r0, r1, dz)
     grads = acc.result() if fused else (None, None, None)
@@ -236,10 +259,11 @@ def backward(
     n = inp.student_hidden.shape[0]
     acc = _GradAccumulator(inp, need_dh, need_dw, need_db)
     step = chunk_rows_for(inp.student_weight.shape[0], n, chunk_elements)
+    ws = _Workspace(step, inp.student_weight.shape[0], cdtype_of(inp), inp.student_hidden.device)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         wc = w_ce[r0:r1] if w_ce is not None else None
         wk = w_kd[r0:r1] if w_kd is not None else None
-        _, _, _, dz = _chunk(inp, cfg, r0, r1, wc, wk, True)
+        _, _, _, dz = _chunk(inp, cfg, ws, r0, r1, wc, wk, True)
         acc.add(r0, r1, dz)
     return acc.result()

@@ -104,29 +104,68 @@ def kd_per_token(log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, beta
     return beta * kl_pm + (1.0 - beta) * kl_qm
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    return (torch.mul(a, b, out=scratch) if scratch is not None else a * b).sum(-1)
+
+
 def kd_per_token_and_grad(
-    log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, beta: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(D [...], dD/ds [..., V])``: the value of :func:`kd_per_token` and its closed-form gradient with respect
-    to the student's tempered logits ``s`` (where ``log_q = log_softmax(s)``). No autograd; used by the chunked
-    path. Memory: a few temporaries of the input's size."""
+    log_q: torch.Tensor,
+    log_p: torch.Tensor,
+    divergence: str,
+    beta: float = 0.5,
+    *,
+    q: torch.Tensor | None = None,
+    p: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+    need_grad: bool = True,
+    overwrite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(D [...], dD/ds [..., V] or None, aux [...])`` in closed form, without autograd.
+
+    ``D`` is :func:`kd_per_token`; the gradient is with respect to the student's tempered logits ``s`` (where
+    ``log_q = log_softmax(s)``); ``aux`` is the per-row statistic the gradient formula needs (``D`` for reverse
+    KL, ``KL(q || m)`` for JSD, 0 for forward KL), which the Triton backward reads back from the forward.
+
+    For speed on big ``[chunk, V]`` slabs the caller may pass the probabilities ``q = exp(log_q)`` /
+    ``p = exp(log_p)`` it already has, a ``scratch`` buffer of the same shape, and ``overwrite=True``, which lets
+    this function reuse ``log_q``, ``log_p``, ``p`` and ``scratch`` as work space (their contents are destroyed;
+    the returned gradient aliases one of them). ``q`` is never modified. For JSD the mixture is formed in
+    probability space, ``log m = log(beta p + (1 - beta) q)`` (clamped at the smallest normal so that entries
+    where both probabilities underflow contribute exactly 0); the definition uses ``logaddexp`` and the tests
+    hold the two together.
+    """
     kind = canonical_divergence(divergence, beta)
-    q = log_q.exp()
+    if q is None:
+        q = log_q.exp()
+    if not overwrite:
+        log_q, log_p = log_q.clone(), log_p.clone()
+        p = None if p is None else p.clone()
+        scratch = None
+    zeros = torch.zeros(log_q.shape[:-1], dtype=log_q.dtype, device=log_q.device)
     if kind == "forward_kl":
-        p = log_p.exp()
-        value = (p * (log_p - log_q)).sum(-1)
-        return value, q - p
+        if p is None:
+            p = log_p.exp()
+        value = _rowdot(p, log_p.sub_(log_q), scratch)
+        grad = p.neg_().add_(q) if need_grad else None  # q - p
+        return value, grad, zeros
     if kind == "reverse_kl":
-        diff = log_q - log_p
-        value = (q * diff).sum(-1)
-        return value, q * (diff - value.unsqueeze(-1))
-    log_m = _mixture_log_probs(log_q, log_p, beta)
-    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
-    g = log_q - log_m
-    kl_qm = (q * g).sum(-1)
+        diff = log_q.sub_(log_p)
+        value = _rowdot(q, diff, scratch)
+        grad = diff.sub_(value.unsqueeze(-1)).mul_(q) if need_grad else None  # q (log q - log p - D)
+        return value, grad, value
+    if p is None:
+        p = log_p.exp()
+    tiny = torch.finfo(q.dtype).tiny
+    log_m = torch.mul(p, beta, out=scratch) if scratch is not None else p * beta
+    log_m.add_(q, alpha=1.0 - beta).clamp_min_(tiny).log_()
+    kl_pm = _rowdot(p, log_p.sub_(log_m), None if scratch is None else p)
+    g = log_q.sub_(log_m)  # log q - log m
+    kl_qm = _rowdot(q, g, scratch)
     value = beta * kl_pm + (1.0 - beta) * kl_qm
-    grad = ((1.0 - beta) * q) * (g - kl_qm.unsqueeze(-1))
-    return value, grad
+    grad = None
+    if need_grad:  # (1 - beta) q (log q - log m - KL(q || m))
+        grad = g.sub_(kl_qm.unsqueeze(-1)).mul_(q).mul_(1.0 - beta)
+    return value, grad, kl_qm
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

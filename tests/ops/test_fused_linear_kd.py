@@ -105,10 +105,20 @@ def test_closed_form_gradient_matches_autograd(divergence, beta):
     value = D.kd_per_token(log_q, log_p, divergence, beta)
     w = torch.rand(6, generator=g, dtype=torch.float64)
     (auto,) = torch.autograd.grad(value, s, w)
-    v2, closed = D.kd_per_token_and_grad(log_q.detach(), log_p, divergence, beta)
+    lq, lp = log_q.detach(), log_p
+    v2, closed, aux = D.kd_per_token_and_grad(lq, lp, divergence, beta)
     torch.testing.assert_close(v2, value.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(closed * w[:, None], auto, rtol=1e-10, atol=1e-12)
     assert (value > 0).all()
+    # the in-place fast form (buffers reused, probabilities supplied) gives the same numbers and leaves q alone
+    q = lq.exp()
+    q0 = q.clone()
+    v3, g3, aux3 = D.kd_per_token_and_grad(lq.clone(), lp.clone(), divergence, beta, q=q, p=lp.exp(),
+                                           scratch=torch.empty_like(q), overwrite=True)
+    torch.testing.assert_close(v3, v2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g3, closed, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(aux3, aux, rtol=1e-12, atol=1e-14)
+    assert torch.equal(q, q0)
 
 
 @pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
@@ -250,8 +260,9 @@ def test_triton_and_torch_agree_on_row_stats(splits):
     opts = dict(divergence="jsd", beta=0.4, temperature=1.5, t2_scale=False, alpha=0.5, ignore_index=-100,
                 num_items_in_batch=None, softcap=None, logit_scale=1.0, reduction="mean")
     inp, cfg = check_args(*args, student_bias=kw["student_bias"], teacher_bias=None, teacher_topk=None, **opts)
-    ce_a, kd_a, st_a = K.triton_forward(inp, cfg)
-    ce_b, kd_b, st_b, _ = _kd_torch.forward(inp, cfg)
+    with torch.no_grad():
+        ce_a, kd_a, st_a = K.triton_forward(inp, cfg)
+        ce_b, kd_b, st_b, _ = _kd_torch.forward(inp, cfg)
     torch.testing.assert_close(st_a, st_b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ce_a, ce_b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kd_a, kd_b, rtol=1e-5, atol=1e-5)
