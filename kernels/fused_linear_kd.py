@@ -1,0 +1,515 @@
+"""Triton kernels of :func:`tellneo.ops.fused_linear_kd`: vocab-tiled lm_head + CE + KD, nothing ``[N, V]``.
+
+Three kernels, all walking ``BLOCK_N`` tokens x ``BLOCK_V`` vocab tiles whose logits are computed on chip
+(``tl.dot`` over ``BLOCK_K`` slices of the hidden size, fp32 accumulation):
+
+``_kd_stats_kernel``   grid (token blocks, vocab splits). Online max / sum-exp in fp32 for the student's CE logits
+                       ``z``, its tempered logits ``s = z / T`` and the teacher's ``t``, the label logit, and the
+                       running forward / reverse KL sums, kept *centred* on the running maxima (``sum e^(t-m_t)
+                       ((t-m_t) - (s-m_s))``) so that ``KL = A / S_t - log S_t + log S_s`` has no cancellation of
+                       large logsumexps (logits of +-1e4 stay exact). Each vocab split writes partial statistics;
+                       :func:`_combine` merges them in O(N * splits).
+``_kd_jsd_kernel``     (JSD only) a second pass over the tiles with the final logsumexps, summing
+                       ``beta p log(p/m) + (1-beta) q log(q/m)`` and ``sum q log(q/m)`` per row.
+``_kd_bwd_kernel``     grid (token blocks, vocab tiles). Recomputes the logit tiles, forms ``d loss / d z`` from the
+                       O(N) per-row statistics (formulas of :mod:`tellneo.ops.divergences`), and accumulates
+                       ``dh += dz @ W_tile`` and ``dW_tile += dz^T @ h`` (and ``db``) with fp32 atomics.
+
+A sparse (top-k) teacher uses the student-only statistics from the kernels; its ``k`` gathered logits and the
+``k + 1``-bucket math run in PyTorch on ``[N, k]`` tensors (rows chunked).
+
+Only kernels and launch helpers live here (no autograd): :mod:`tellneo.ops._kd_op` calls
+:func:`triton_forward` / :func:`triton_backward`. fp32 inputs use ``input_precision="ieee"`` (no TF32), so they
+match the fp32 reference; bf16/fp16 inputs use the tensor cores with fp32 accumulation. Block sizes for CUDA are
+reasonable defaults, not tuned on hardware (no GPU was available when they were written); fp32 atomics make the
+gradients' last bits depend on scheduling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from tellneo.ops import divergences as D
+from tellneo.ops._kd_args import KDConfig, KDInputs
+
+NEG_INIT = -1.0e30  # running-max start: finite, so exp(m_old - m_new) is 0, never nan
+NUM_PARTS = 9  # partial statistics per split: m_z S_z m_s S_s m_t S_t A B z_label
+_DIV_CODE = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+@triton.jit
+def _tanh(x):
+    # overflow-safe: exp(2x) -> inf gives 1, -> 0 gives -1
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST (interpreter only): Triton 3.9's interpreter multiplies bfloat16 operands as raw 16-bit integers;
+    # bf16 -> fp32 is exact, so upcasting reproduces what the tensor cores compute (fp32 accumulation).
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _logits_tile(
+    x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, logit_scale, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """transform(x[rows] @ w[cols]^T + b[cols]) as a [BLOCK_N, BLOCK_V] fp32 tile (masked entries finite)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < H
+        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * logit_scale
+    if HAS_SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return acc
+
+
+@triton.jit
+def _kd_stats_kernel(
+    sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, part_ptr,
+    N, V, HS, HT, stride_sh, stride_sw, stride_th, stride_tw, v_per_split,
+    inv_temp, logit_scale, softcap,
+    HAS_LABELS: tl.constexpr, HAS_KD: tl.constexpr, HAS_TEACHER: tl.constexpr, SAME_T: tl.constexpr,
+    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIV: tl.constexpr,
+    PRECISION_S: tl.constexpr, PRECISION_T: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    m_z = tl.full((BLOCK_N,), NEG_INIT, tl.float32)
+    s_z = tl.zeros((BLOCK_N,), tl.float32)
+    z_lab = tl.zeros((BLOCK_N,), tl.float32)
+    m_s = tl.full((BLOCK_N,), NEG_INIT, tl.float32)
+    s_s = tl.zeros((BLOCK_N,), tl.float32)
+    m_t = tl.full((BLOCK_N,), NEG_INIT, tl.float32)
+    s_t = tl.zeros((BLOCK_N,), tl.float32)
+    acc_a = tl.zeros((BLOCK_N,), tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), tl.float32)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(V, v_start + v_per_split)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z = _logits_tile(sh_ptr, sw_ptr, sb_ptr, rows, cols, row_mask, col_mask, HS, stride_sh, stride_sw,
+                         logit_scale, softcap, HAS_SB, HAS_SOFTCAP, PRECISION_S, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+        z_fin = z  # finite everywhere (masked columns are 0): used in differences, never -inf - -inf
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        if HAS_LABELS:
+            m_new = tl.maximum(m_z, tl.max(z, 1))
+            s_z = s_z * tl.exp(m_z - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+            m_z = m_new
+            z_lab += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), 1)
+        if HAS_KD:
+            if SAME_T:
+                s = z
+            else:
+                s = z * inv_temp
+            ms_new = tl.maximum(m_s, tl.max(s, 1))
+            alpha_s = tl.exp(m_s - ms_new)
+            e_s = tl.exp(s - ms_new[:, None])
+            if HAS_TEACHER:
+                t = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
+                                 logit_scale, softcap, HAS_TB, HAS_SOFTCAP, PRECISION_T, UPCAST,
+                                 BLOCK_N, BLOCK_V, BLOCK_K)
+                t_fin = t * inv_temp
+                t = tl.where(col_mask[None, :], t_fin, float("-inf"))
+                mt_new = tl.maximum(m_t, tl.max(t, 1))
+                alpha_t = tl.exp(m_t - mt_new)
+                e_t = tl.exp(t - mt_new[:, None])
+                # centred difference (t - m_t) - (s - m_s); re-centring old terms shifts them by -(dm_t - dm_s)
+                shift = (mt_new - m_t) - (ms_new - m_s)
+                s_fin = z_fin if SAME_T else z_fin * inv_temp
+                d = tl.where(col_mask[None, :], (t_fin - mt_new[:, None]) - (s_fin - ms_new[:, None]), 0.0)
+                if DIV == 0:
+                    acc_a = alpha_t * (acc_a - shift * s_t) + tl.sum(e_t * d, 1)
+                if DIV == 1:
+                    acc_b = alpha_s * (acc_b + shift * s_s) - tl.sum(e_s * d, 1)
+                s_t = s_t * alpha_t + tl.sum(e_t, 1)
+                m_t = mt_new
+            s_s = s_s * alpha_s + tl.sum(e_s, 1)
+            m_s = ms_new
+    base = part_ptr + pid_s * NUM_PARTS * N + rows
+    tl.store(base + 0 * N, m_z, mask=row_mask)
+    tl.store(base + 1 * N, s_z, mask=row_mask)
+    tl.store(base + 2 * N, m_s, mask=row_mask)
+    tl.store(base + 3 * N, s_s, mask=row_mask)
+    tl.store(base + 4 * N, m_t, mask=row_mask)
+    tl.store(base + 5 * N, s_t, mask=row_mask)
+    tl.store(base + 6 * N, acc_a, mask=row_mask)
+    tl.store(base + 7 * N, acc_b, mask=row_mask)
+    tl.store(base + 8 * N, z_lab, mask=row_mask)
+
+
+@triton.jit
+def _log_mixture(log_q, log_p, log_1mb, log_b):
+    a = log_q + log_1mb
+    b = log_p + log_b
+    mx = tl.maximum(a, b)
+    return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+
+
+@triton.jit
+def _kd_jsd_kernel(
+    sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
+    N, V, HS, HT, stride_sh, stride_sw, stride_th, stride_tw, v_per_split,
+    inv_temp, logit_scale, softcap, beta, log_1mb, log_b,
+    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PRECISION_S: tl.constexpr, PRECISION_T: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+    jsd = tl.zeros((BLOCK_N,), tl.float32)
+    kl_qm = tl.zeros((BLOCK_N,), tl.float32)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(V, v_start + v_per_split)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        z = _logits_tile(sh_ptr, sw_ptr, sb_ptr, rows, cols, row_mask, col_mask, HS, stride_sh, stride_sw,
+                         logit_scale, softcap, HAS_SB, HAS_SOFTCAP, PRECISION_S, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+        t = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
+                         logit_scale, softcap, HAS_TB, HAS_SOFTCAP, PRECISION_T, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+        log_q = z * inv_temp - lse_s[:, None]
+        log_p = t * inv_temp - lse_t[:, None]
+        log_m = _log_mixture(log_q, log_p, log_1mb, log_b)
+        q = tl.exp(log_q)
+        term_q = tl.where(mask, q * (log_q - log_m), 0.0)
+        term_p = tl.where(mask, tl.exp(log_p) * (log_p - log_m), 0.0)
+        jsd += tl.sum(beta * term_p + (1.0 - beta) * term_q, 1)
+        kl_qm += tl.sum(term_q, 1)
+    base = part_ptr + pid_s * 2 * N + rows
+    tl.store(base, jsd, mask=row_mask)
+    tl.store(base + N, kl_qm, mask=row_mask)
+
+
+@triton.jit
+def _kd_bwd_kernel(
+    sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, stats_ptr, wce_ptr, wkd_ptr, glse_ptr,
+    dh_ptr, dw_ptr, db_ptr,
+    N, V, HS, HT, stride_sh, stride_sw, stride_th, stride_tw,
+    inv_temp, logit_scale, softcap, beta, log_1mb, log_b,
+    CE_GRAD: tl.constexpr, KD_DENSE: tl.constexpr, KD_TOPK: tl.constexpr, DIV: tl.constexpr,
+    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    PRECISION_S: tl.constexpr, PRECISION_T: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    mask = row_mask[:, None] & col_mask[None, :]
+    z = _logits_tile(sh_ptr, sw_ptr, sb_ptr, rows, cols, row_mask, col_mask, HS, stride_sh, stride_sw,
+                     logit_scale, softcap, HAS_SB, HAS_SOFTCAP, PRECISION_S, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+    dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if CE_GRAD:
+        label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+        lse_z = tl.load(stats_ptr + rows * 4 + 0, mask=row_mask, other=0.0)
+        w_ce = tl.load(wce_ptr + rows, mask=row_mask, other=0.0)
+        p_z = tl.exp(z - lse_z[:, None])
+        dz += w_ce[:, None] * (p_z - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
+    if KD_DENSE or KD_TOPK:
+        lse_s = tl.load(stats_ptr + rows * 4 + 1, mask=row_mask, other=0.0)
+        log_q = z * inv_temp - lse_s[:, None]
+        q = tl.exp(log_q)
+    if KD_DENSE:
+        lse_t = tl.load(stats_ptr + rows * 4 + 2, mask=row_mask, other=0.0)
+        aux = tl.load(stats_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
+        w_kd = tl.load(wkd_ptr + rows, mask=row_mask, other=0.0)
+        t = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
+                         logit_scale, softcap, HAS_TB, HAS_SOFTCAP, PRECISION_T, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+        log_p = t * inv_temp - lse_t[:, None]
+        if DIV == 0:
+            g = q - tl.exp(log_p)
+        elif DIV == 1:
+            g = q * (log_q - log_p - aux[:, None])
+        else:
+            log_m = _log_mixture(log_q, log_p, log_1mb, log_b)
+            g = (1.0 - beta) * q * (log_q - log_m - aux[:, None])
+        dz += w_kd[:, None] * g
+    if KD_TOPK:
+        g_lse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0)
+        dz += g_lse[:, None] * q
+    if HAS_SOFTCAP:
+        r = z / softcap
+        dz = dz * (logit_scale * (1.0 - r * r))
+    else:
+        dz = dz * logit_scale
+    dz = tl.where(mask, dz, 0.0)
+    if NEED_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, 0), mask=col_mask)
+    dz_in = dz.to(sw_ptr.dtype.element_ty)
+    for k0 in range(0, HS, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < HS
+        if NEED_DH:
+            w = tl.load(sw_ptr + cols[:, None] * stride_sw + ks[None, :], mask=col_mask[:, None] & kmask[None, :],
+                        other=0.0)
+            part = _dot(dz_in, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), PRECISION_S, UPCAST)
+            tl.atomic_add(dh_ptr + rows[:, None] * HS + ks[None, :], part, mask=row_mask[:, None] & kmask[None, :])
+        if NEED_DW:
+            h = tl.load(sh_ptr + rows[:, None] * stride_sh + ks[None, :], mask=row_mask[:, None] & kmask[None, :],
+                        other=0.0)
+            part = _dot(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), PRECISION_S, UPCAST)
+            tl.atomic_add(dw_ptr + cols[:, None] * HS + ks[None, :], part, mask=col_mask[:, None] & kmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------- launchers
+
+
+def _blocks(device: torch.device) -> dict[str, int]:
+    if device.type == "cuda":
+        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8)
+    # interpreter: small tiles so that tiny test shapes still cross tile boundaries in every dimension
+    return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, num_warps=1)
+
+
+# Tests set this to force several vocab splits on small shapes (exercises _combine).
+FORCE_SPLITS: int | None = None
+
+
+def _num_splits(n_blocks: int, vocab: int, block_v: int, device: torch.device) -> int:
+    tiles = triton.cdiv(vocab, block_v)
+    if FORCE_SPLITS is not None:
+        return max(1, min(FORCE_SPLITS, tiles))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, triton.cdiv(4 * sms, n_blocks)))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _common(inp: KDInputs, cfg: KDConfig) -> dict:
+    sh, sw = inp.student_hidden, inp.student_weight
+    th, tw = inp.teacher_hidden, inp.teacher_weight
+    dense = tw is not None
+    return dict(
+        sh_ptr=sh, sw_ptr=sw, sb_ptr=inp.student_bias if inp.student_bias is not None else sw,
+        th_ptr=th if dense else sh, tw_ptr=tw if dense else sw,
+        tb_ptr=inp.teacher_bias if inp.teacher_bias is not None else (tw if dense else sw),
+        N=sh.shape[0], V=sw.shape[0], HS=sh.shape[1], HT=th.shape[1] if dense else 1,
+        stride_sh=sh.stride(0), stride_sw=sw.stride(0),
+        stride_th=th.stride(0) if dense else 0, stride_tw=tw.stride(0) if dense else 0,
+        inv_temp=1.0 / cfg.temperature, logit_scale=cfg.logit_scale,
+        softcap=cfg.softcap if cfg.softcap is not None else 1.0,
+        HAS_SB=inp.student_bias is not None, HAS_TB=inp.teacher_bias is not None,
+        HAS_SOFTCAP=cfg.softcap is not None,
+        PRECISION_S=_precision(sh.dtype), PRECISION_T=_precision(th.dtype if dense else sh.dtype),
+        UPCAST=sh.device.type != "cuda",
+    )
+
+
+def _contiguous(inp: KDInputs) -> KDInputs:
+    def c(x):
+        return None if x is None else (x if x.stride(-1) == 1 else x.contiguous())
+
+    return KDInputs(c(inp.student_hidden), c(inp.student_weight), c(inp.student_bias), c(inp.teacher_hidden),
+                    c(inp.teacher_weight), c(inp.teacher_bias), inp.labels, inp.topk_ids, inp.topk_logprobs,
+                    inp.lead_shape)
+
+
+def _combine_max(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    big_m = m.max(0).values
+    w = torch.exp(m - big_m)
+    return big_m, (s * w).sum(0), w
+
+
+def _combine(part: torch.Tensor, cfg: KDConfig, has_labels: bool, has_kd: bool, dense: bool) -> dict:
+    """Merge per-split partial statistics [splits, 9, N] into per-row logsumexps and KL values."""
+    m_z, s_z, m_s, s_s, m_t, s_t, a, b, z_lab = part.unbind(1)
+    out = {}
+    if has_labels:
+        big, tot, _ = _combine_max(m_z, s_z)
+        out["lse_z"] = big + torch.log(tot)
+        out["z_label"] = z_lab.sum(0)
+    if has_kd:
+        big_s, tot_s, w_s = _combine_max(m_s, s_s)
+        out["lse_s"] = big_s + torch.log(tot_s)
+        if dense:
+            big_t, tot_t, w_t = _combine_max(m_t, s_t)
+            out["lse_t"] = big_t + torch.log(tot_t)
+            # re-centre each split's sums on the global maxima (same shift as inside the kernel)
+            shift = (big_t - m_t) - (big_s - m_s)
+            if cfg.divergence == "forward_kl":
+                acc = (w_t * (a - shift * s_t)).sum(0)
+                out["value"] = acc / tot_t - torch.log(tot_t) + torch.log(tot_s)
+            elif cfg.divergence == "reverse_kl":
+                acc = (w_s * (b + shift * s_s)).sum(0)
+                out["value"] = acc / tot_s - torch.log(tot_s) + torch.log(tot_t)
+    return out
+
+
+def gather_student_logits(inp: KDInputs, cfg: KDConfig, ids: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    """``transform(h_i . W[ids_ik] + b[ids_ik])`` as ``[N, k]`` fp32, rows chunked so ``[rows, k, Hs]`` stays small."""
+    sh, sw = inp.student_hidden, inp.student_weight
+    n, k = ids.shape
+    out = torch.empty(n, k, dtype=torch.float32, device=sh.device)
+    step = max(1, max_elements // max(1, k * sh.shape[1]))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        w = sw[ids[r0:r1]].float()  # [rows, k, Hs]
+        out[r0:r1] = torch.bmm(w, sh[r0:r1].float().unsqueeze(-1)).squeeze(-1)
+    if inp.student_bias is not None:
+        out += inp.student_bias.float()[ids]
+    return D.transform_logits(out, cfg.logit_scale, cfg.softcap)
+
+
+def triton_forward(inp: KDInputs, cfg: KDConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(ce [N], kd [N], stats [N, 4])`` (fp32; 0 on ignored rows; kd includes kd_scale)."""
+    inp = _contiguous(inp)
+    sh = inp.student_hidden
+    n, vocab = sh.shape[0], inp.student_weight.shape[0]
+    dev = sh.device
+    ce = torch.zeros(n, dtype=torch.float32, device=dev)
+    kd = torch.zeros(n, dtype=torch.float32, device=dev)
+    stats = torch.zeros(n, 4, dtype=torch.float32, device=dev)
+    if n == 0:
+        return ce, kd, stats
+    has_labels = inp.labels is not None
+    dense = inp.teacher_weight is not None
+    has_kd = inp.has_teacher
+    valid = inp.labels != cfg.ignore_index if has_labels else torch.ones(n, dtype=torch.bool, device=dev)
+    blk = _blocks(dev)
+    n_blocks = triton.cdiv(n, blk["BLOCK_N"])
+    splits = _num_splits(n_blocks, vocab, blk["BLOCK_V"], dev)
+    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), blk["BLOCK_V"]) * blk["BLOCK_V"]
+    splits = triton.cdiv(vocab, v_per_split)
+    common = _common(inp, cfg)
+    part = torch.empty(splits, NUM_PARTS, n, dtype=torch.float32, device=dev)
+    labels = inp.labels if has_labels else sh
+    _kd_stats_kernel[(n_blocks, splits)](
+        labels_ptr=labels, part_ptr=part, v_per_split=v_per_split,
+        HAS_LABELS=has_labels, HAS_KD=has_kd, HAS_TEACHER=dense, SAME_T=cfg.temperature == 1.0,
+        DIV=_DIV_CODE[cfg.divergence], **common, **blk,
+    )
+    st = _combine(part, cfg, has_labels, has_kd, dense)
+    if has_labels:
+        stats[:, 0] = st["lse_z"]
+        ce = torch.where(valid, st["lse_z"] - st["z_label"], 0.0)
+    if has_kd:
+        stats[:, 1] = st["lse_s"]
+        if dense:
+            stats[:, 2] = st["lse_t"]
+            if cfg.divergence == "jsd":
+                jpart = torch.empty(splits, 2, n, dtype=torch.float32, device=dev)
+                _kd_jsd_kernel[(n_blocks, splits)](
+                    lse_s_ptr=stats[:, 1].contiguous(), lse_t_ptr=stats[:, 2].contiguous(), part_ptr=jpart,
+                    v_per_split=v_per_split, beta=cfg.beta, log_1mb=math.log1p(-cfg.beta), log_b=math.log(cfg.beta),
+                    **common, **blk,
+                )
+                value, aux = jpart.sum(0).unbind(0)
+                stats[:, 3] = aux
+            else:
+                value = st["value"]
+                if cfg.divergence == "reverse_kl":
+                    stats[:, 3] = value
+        else:
+            s_ids = gather_student_logits(inp, cfg, inp.topk_ids) / cfg.temperature
+            value = D.topk_kd_per_token(s_ids, st["lse_s"], inp.topk_logprobs.float(), cfg.divergence, cfg.beta)
+        kd = torch.where(valid, value * cfg.kd_scale, 0.0)
+    return ce, kd, stats
+
+
+def triton_backward(
+    inp: KDInputs,
+    cfg: KDConfig,
+    stats: torch.Tensor,
+    w_ce: torch.Tensor | None,
+    w_kd: torch.Tensor | None,
+    *,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum_i valid_i (w_ce_i ce_i + w_kd_i kd_i)``; dh/dW/db accumulated in fp32, returned in the
+    inputs' dtypes."""
+    inp = _contiguous(inp)
+    sh, sw = inp.student_hidden, inp.student_weight
+    n, vocab, hs = sh.shape[0], sw.shape[0], sh.shape[1]
+    dev = sh.device
+    dh = torch.zeros(n, hs, dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.zeros(vocab, hs, dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    if n > 0 and (need_dh or need_dw or need_db):
+        has_labels = inp.labels is not None
+        dense = inp.teacher_weight is not None
+        valid = inp.labels != cfg.ignore_index if has_labels else torch.ones(n, dtype=torch.bool, device=dev)
+        ce_grad = has_labels and w_ce is not None
+        kd_grad = inp.has_teacher and w_kd is not None
+        wce = torch.where(valid, w_ce.float(), 0.0).contiguous() if ce_grad else stats
+        wkd = (torch.where(valid, w_kd.float(), 0.0) * (cfg.kd_scale / cfg.temperature)).contiguous() if kd_grad \
+            else stats
+        glse = stats
+        topk = kd_grad and not dense
+        if topk:
+            z_ids = gather_student_logits(inp, cfg, inp.topk_ids)
+            _, g_ids, g_lse = D.topk_kd_per_token_and_grad(
+                z_ids / cfg.temperature, stats[:, 1], inp.topk_logprobs.float(), cfg.divergence, cfg.beta
+            )
+            glse = (g_lse * wkd).contiguous()
+            g_ids = g_ids * wkd[:, None] * D.transform_grad_factor(z_ids, cfg.logit_scale, cfg.softcap)
+        blk = _blocks(dev)
+        common = _common(inp, cfg)
+        grid = (triton.cdiv(n, blk["BLOCK_N"]), triton.cdiv(vocab, blk["BLOCK_V"]))
+        beta = cfg.beta if cfg.divergence == "jsd" else 0.5
+        _kd_bwd_kernel[grid](
+            labels_ptr=inp.labels if has_labels else sh, stats_ptr=stats.contiguous(), wce_ptr=wce, wkd_ptr=wkd,
+            glse_ptr=glse, dh_ptr=dh if need_dh else stats, dw_ptr=dw if need_dw else stats,
+            db_ptr=db if need_db else stats,
+            beta=beta, log_1mb=math.log1p(-beta), log_b=math.log(beta),
+            CE_GRAD=ce_grad, KD_DENSE=kd_grad and dense, KD_TOPK=topk, DIV=_DIV_CODE[cfg.divergence],
+            NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, **common, **blk,
+        )
+        if topk:
+            _scatter_topk_grads(inp, inp.topk_ids, g_ids, dh, dw, db)
+    return (
+        dh.to(sh.dtype) if dh is not None else None,
+        dw.to(sw.dtype) if dw is not None else None,
+        db.to(sw.dtype) if db is not None else None,
+    )
+
+
+def _scatter_topk_grads(inp: KDInputs, ids: torch.Tensor, g: torch.Tensor, dh, dw, db, max_elements: int = 1 << 24):
+    """The sparse part of a top-k teacher's gradient: ``dz[i, ids_ik] += g_ik`` turned into dh / dW / db."""
+    sh, sw = inp.student_hidden, inp.student_weight
+    n, k = ids.shape
+    step = max(1, max_elements // max(1, k * sh.shape[1]))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        gi, idx = g[r0:r1], ids[r0:r1]
+        if dh is not None:
+            dh[r0:r1] += torch.bmm(gi.unsqueeze(1), sw[idx].float()).squeeze(1)
+        if dw is not None:
+            outer = gi.unsqueeze(-1) * sh[r0:r1].float().unsqueeze(1)  # [rows, k, Hs]
+            dw.index_add_(0, idx.reshape(-1), outer.reshape(-1, sh.shape[1]))
+    if db is not None:
+        db.index_add_(0, ids.reshape(-1), g.reshape(-1))

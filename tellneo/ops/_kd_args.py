@@ -1,0 +1,270 @@
+"""Argument checking and normalisation for :func:`tellneo.ops.fused_linear_kd` (shared by every path, so the
+reference and the fused op reject exactly the same inputs with the same messages)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tellneo.ops.divergences import DIVERGENCES, canonical_divergence
+
+REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_OP = "fused_linear_kd"
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Scalar configuration of one call, after validation (hashable; passed to the kernels and the custom op)."""
+
+    divergence: str  # canonical: jsd at beta 0/1 already mapped to forward/reverse KL
+    beta: float
+    temperature: float
+    kd_scale: float  # T^2 if t2_scale else 1
+    alpha: float
+    ignore_index: int
+    softcap: float | None
+    logit_scale: float
+    reduction: str
+
+
+@dataclass
+class KDInputs:
+    """Flattened tensors of one call: every per-token tensor is ``[N, ...]``; ``lead_shape`` restores the caller's
+    leading dims for ``reduction="none"``."""
+
+    student_hidden: torch.Tensor  # [N, Hs]
+    student_weight: torch.Tensor  # [V, Hs]
+    student_bias: torch.Tensor | None  # [V]
+    teacher_hidden: torch.Tensor | None  # [N, Ht]
+    teacher_weight: torch.Tensor | None  # [V, Ht]: rows >= V of a padded teacher table already dropped
+    teacher_bias: torch.Tensor | None  # [V]
+    labels: torch.Tensor | None  # [N] int64
+    topk_ids: torch.Tensor | None  # [N, k] int64
+    topk_logprobs: torch.Tensor | None  # [N, k] float
+    lead_shape: tuple[int, ...]
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_weight is not None or self.topk_ids is not None
+
+
+def _fail(name: str, message: str, exc: type[Exception] = ValueError) -> None:
+    raise exc(f"{_OP}: {name} {message}")
+
+
+def _check_tensor(name: str, t: Any, *, float_dtype: bool) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        _fail(name, f"must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    allowed = _FLOAT_DTYPES if float_dtype else _INDEX_DTYPES
+    if t.dtype not in allowed:
+        kinds = "a floating dtype (float16, bfloat16, float32, float64)" if float_dtype else "int64 or int32"
+        _fail(name, f"must have {kinds}, got {t.dtype}", TypeError)
+    return t
+
+
+def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        _fail(name, f"is on {t.device} but student_hidden is on {ref.device}")
+
+
+def _check_index_range(name: str, idx: torch.Tensor, upper: int, allowed_extra: int | None, what: str) -> None:
+    """Values in [0, upper) (or == allowed_extra). Exact ValueError on CPU; an asynchronous device assertion on
+    other devices and under torch.compile, so no host synchronisation happens there."""
+    bad = (idx < 0) | (idx >= upper)
+    if allowed_extra is not None:
+        bad = bad & (idx != allowed_extra)
+    msg = f"{_OP}: {name} must be in [0, {upper}) ({what})"
+    if allowed_extra is not None:
+        msg += f" or equal ignore_index={allowed_extra}"
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            first = idx[bad][0].item()
+            raise ValueError(f"{msg}; got {first}")
+    else:
+        torch._assert_async(~bad.any(), msg)
+
+
+def check_args(
+    student_hidden: Any,
+    student_weight: Any,
+    teacher_hidden: Any,
+    teacher_weight: Any,
+    labels: Any,
+    *,
+    student_bias: Any,
+    teacher_bias: Any,
+    teacher_topk: Any,
+    divergence: Any,
+    beta: Any,
+    temperature: Any,
+    t2_scale: Any,
+    alpha: Any,
+    ignore_index: Any,
+    num_items_in_batch: Any,
+    softcap: Any,
+    logit_scale: Any,
+    reduction: Any,
+) -> tuple[KDInputs, KDConfig]:
+    """Validate every argument, flatten leading dims, drop padded teacher vocab rows; raise ValueError/TypeError
+    naming the offending argument."""
+    sh = _check_tensor("student_hidden", student_hidden, float_dtype=True)
+    if sh.dim() < 2:
+        _fail("student_hidden", f"must be [N, Hs] or [..., Hs], got shape {tuple(sh.shape)}")
+    lead = tuple(sh.shape[:-1])
+    hs = sh.shape[-1]
+    sw = _check_tensor("student_weight", student_weight, float_dtype=True)
+    if sw.dim() != 2 or sw.shape[1] != hs:
+        _fail("student_weight", f"must be [V, Hs={hs}], got shape {tuple(sw.shape)}")
+    if sw.dtype != sh.dtype:
+        _fail("student_weight", f"dtype {sw.dtype} differs from student_hidden's {sh.dtype}", TypeError)
+    _same_device("student_weight", sw, sh)
+    vocab = sw.shape[0]
+    if vocab == 0:
+        _fail("student_weight", "has an empty vocabulary (V = 0)")
+    sb = None
+    if student_bias is not None:
+        sb = _check_tensor("student_bias", student_bias, float_dtype=True)
+        if tuple(sb.shape) != (vocab,):
+            _fail("student_bias", f"must be [V={vocab}], got shape {tuple(sb.shape)}")
+        if sb.dtype != sw.dtype:
+            _fail("student_bias", f"dtype {sb.dtype} differs from student_weight's {sw.dtype}", TypeError)
+        _same_device("student_bias", sb, sh)
+
+    # -- scalar options
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
+        _fail("divergence", f"must be one of {DIVERGENCES}, got {divergence!r}")
+    for name, val in (("beta", beta), ("alpha", alpha), ("temperature", temperature), ("logit_scale", logit_scale)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            _fail(name, f"must be a finite Python number, got {val!r}", TypeError)
+    if not 0.0 <= beta <= 1.0:
+        _fail("beta", f"must be in [0, 1], got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        _fail("alpha", f"must be in [0, 1] (weight of the KD term; CE gets 1 - alpha), got {alpha}")
+    if temperature <= 0:
+        _fail("temperature", f"must be > 0, got {temperature}")
+    if logit_scale <= 0:
+        _fail("logit_scale", f"must be > 0, got {logit_scale}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap):
+            _fail("softcap", f"must be None or a finite number > 0, got {softcap!r}", TypeError)
+        if softcap <= 0:
+            _fail("softcap", f"must be None or > 0, got {softcap}")
+    if not isinstance(t2_scale, bool):
+        _fail("t2_scale", f"must be a bool, got {t2_scale!r}", TypeError)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        _fail("ignore_index", f"must be an int, got {ignore_index!r}", TypeError)
+    if reduction not in REDUCTIONS:
+        _fail("reduction", f"must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            _fail("num_items_in_batch", f"replaces the token count of reduction='mean'; got reduction={reduction!r}")
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                _fail("num_items_in_batch", f"must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+            _fail("num_items_in_batch", f"must be None, a number or a scalar tensor, got {num_items_in_batch!r}",
+                  TypeError)
+        elif not num_items_in_batch > 0:
+            _fail("num_items_in_batch", f"must be > 0, got {num_items_in_batch}")
+
+    # -- labels
+    lab = None
+    if labels is not None:
+        lab = _check_tensor("labels", labels, float_dtype=False)
+        if tuple(lab.shape) != lead:
+            _fail("labels", f"must have the leading shape of student_hidden {lead}, got {tuple(lab.shape)}")
+        _same_device("labels", lab, sh)
+        lab = lab.reshape(-1).long()
+        _check_index_range("labels", lab, vocab, ignore_index, "the student vocabulary")
+
+    # -- teacher: dense (hidden + weight) or sparse top-k, not both
+    th = tw = tb = ids = lps = None
+    dense = teacher_hidden is not None or teacher_weight is not None
+    if dense and teacher_topk is not None:
+        _fail("teacher_topk", "cannot be combined with teacher_hidden/teacher_weight: give one teacher")
+    if dense:
+        if teacher_hidden is None or teacher_weight is None:
+            missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
+            _fail(missing, "is None but the other dense-teacher tensor was given; give both or neither")
+        th = _check_tensor("teacher_hidden", teacher_hidden, float_dtype=True)
+        if tuple(th.shape[:-1]) != lead or th.dim() < 2:
+            _fail("teacher_hidden", f"must be [..., Ht] with leading shape {lead}, got {tuple(th.shape)}")
+        _same_device("teacher_hidden", th, sh)
+        tw = _check_tensor("teacher_weight", teacher_weight, float_dtype=True)
+        if tw.dim() != 2 or tw.shape[1] != th.shape[-1]:
+            _fail("teacher_weight", f"must be [Vt, Ht={th.shape[-1]}], got shape {tuple(tw.shape)}")
+        if tw.dtype != th.dtype:
+            _fail("teacher_weight", f"dtype {tw.dtype} differs from teacher_hidden's {th.dtype}", TypeError)
+        _same_device("teacher_weight", tw, sh)
+        if tw.shape[0] < vocab:
+            _fail("teacher_weight", f"has vocabulary {tw.shape[0]} smaller than the student's {vocab}: the "
+                  "vocabularies must match (a teacher may only have extra padded rows at the end)")
+        if teacher_bias is not None:
+            tb = _check_tensor("teacher_bias", teacher_bias, float_dtype=True)
+            if tuple(tb.shape) != (tw.shape[0],):
+                _fail("teacher_bias", f"must be [Vt={tw.shape[0]}], got shape {tuple(tb.shape)}")
+            if tb.dtype != tw.dtype:
+                _fail("teacher_bias", f"dtype {tb.dtype} differs from teacher_weight's {tw.dtype}", TypeError)
+            _same_device("teacher_bias", tb, sh)
+            tb = tb[:vocab]
+        # Padded teacher tables (Vt > V): rows >= V are ids no tokenizer emits. They are dropped and the teacher
+        # is renormalised over the shared vocabulary (see fused_linear_kd's docstring for why).
+        tw = tw[:vocab]
+        th = th.reshape(-1, th.shape[-1])
+    elif teacher_bias is not None:
+        _fail("teacher_bias", "was given without teacher_hidden/teacher_weight")
+    if teacher_topk is not None:
+        if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+            _fail("teacher_topk", "must be a pair (ids [..., k], logprobs [..., k])", TypeError)
+        ids = _check_tensor("teacher_topk[0] (ids)", teacher_topk[0], float_dtype=False)
+        lps = _check_tensor("teacher_topk[1] (logprobs)", teacher_topk[1], float_dtype=True)
+        if ids.dim() != len(lead) + 1 or tuple(ids.shape[:-1]) != lead or ids.shape[-1] < 1:
+            _fail("teacher_topk[0] (ids)", f"must be [..., k] with leading shape {lead} and k >= 1, "
+                  f"got {tuple(ids.shape)}")
+        if lps.shape != ids.shape:
+            _fail("teacher_topk[1] (logprobs)", f"must have the shape of the ids {tuple(ids.shape)}, "
+                  f"got {tuple(lps.shape)}")
+        if ids.shape[-1] > vocab:
+            _fail("teacher_topk[0] (ids)", f"has k={ids.shape[-1]} > vocabulary size {vocab}")
+        _same_device("teacher_topk[0] (ids)", ids, sh)
+        _same_device("teacher_topk[1] (logprobs)", lps, sh)
+        ids = ids.reshape(-1, ids.shape[-1]).long()
+        lps = lps.reshape(-1, lps.shape[-1])
+        _check_index_range("teacher_topk[0] (ids)", ids, vocab, None, "the student vocabulary")
+
+    has_teacher = tw is not None or ids is not None
+    if lab is None and not has_teacher:
+        _fail("labels", "is None and no teacher was given: there is nothing to compute")
+    if alpha > 0 and not has_teacher:
+        _fail("alpha", f"is {alpha} but no teacher was given (teacher_hidden/teacher_weight or teacher_topk); "
+              "use alpha=0 for CE only")
+
+    inputs = KDInputs(
+        student_hidden=sh.reshape(-1, hs),
+        student_weight=sw,
+        student_bias=sb,
+        teacher_hidden=th,
+        teacher_weight=tw,
+        teacher_bias=tb,
+        labels=lab,
+        topk_ids=ids,
+        topk_logprobs=lps,
+        lead_shape=lead,
+    )
+    config = KDConfig(
+        divergence=canonical_divergence(divergence, float(beta)),
+        beta=float(beta),
+        temperature=float(temperature),
+        kd_scale=float(temperature) ** 2 if t2_scale else 1.0,
+        alpha=float(alpha),
+        ignore_index=int(ignore_index),
+        softcap=None if softcap is None else float(softcap),
+        logit_scale=float(logit_scale),
+        reduction=reduction,
+    )
+    return inputs, config

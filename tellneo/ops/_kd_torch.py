@@ -1,0 +1,269 @@
+"""Token-chunked, memory-bounded PyTorch implementation of :func:`tellneo.ops.fused_linear_kd` (backend "torch").
+
+Rows are processed in chunks of ``chunk_rows`` tokens: each chunk materialises its own ``[chunk, V]`` student and
+teacher logits, evaluates CE and the divergence with :mod:`tellneo.ops.divergences`, and, when gradients are
+wanted, turns the closed-form ``d loss / d logits`` straight into ``d hidden`` (``[chunk, Hs]``) and accumulates
+``d weight`` in fp32. Nothing ``[N, V]`` ever exists; peak extra memory is a handful of ``[chunk, V]`` fp32
+temporaries plus the fp32 ``dW`` accumulator.
+
+Two modes (the custom op in :mod:`tellneo.ops._kd_op` picks one):
+
+* fused (scalar reductions): gradients are computed in the forward, while the logits are at hand, for the loss
+  ``grad_scale * sum_i valid_i [(1 - alpha) CE_i + alpha KD_i]``; the backward only scales them by the incoming
+  scalar gradient. Costs one student and one teacher matmul fewer than recomputing.
+* recompute (``reduction="none"`` or gradients of per-row outputs): the forward keeps O(N) statistics and the
+  backward recomputes each chunk's logits with per-row weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tellneo.ops._kd_args import KDConfig, KDInputs
+from tellneo.ops.divergences import compute_dtype, kd_per_token_and_grad, topk_kd_per_token_and_grad
+
+# Elements of one [chunk, V] fp32 temporary: 4 Mi elements = 16 MiB; the chunk path keeps ~5 of them alive.
+CHUNK_ELEMENTS = 1 << 22
+NUM_STATS = 4  # per-row statistics: lse_z (CE logits), lse_s (tempered student), lse_t (tempered teacher), aux
+
+
+def chunk_rows_for(vocab: int, n: int, chunk_elements: int | None = None) -> int:
+    """Rows per chunk: a power of two in [8, 1024] whose [rows, vocab] slab is about ``chunk_elements``."""
+    budget = chunk_elements or CHUNK_ELEMENTS
+    rows = 8
+    while rows < 1024 and rows * 2 * vocab <= budget:
+        rows *= 2
+    return max(1, min(rows, n))
+
+
+def cdtype_of(inp: KDInputs) -> torch.dtype:
+    dt = compute_dtype(inp.student_hidden.dtype)
+    if inp.teacher_hidden is not None and inp.teacher_hidden.dtype == torch.float64:
+        dt = torch.float64
+    return dt
+
+
+def valid_mask(inp: KDInputs, cfg: KDConfig) -> torch.Tensor:
+    if inp.labels is None:
+        return torch.ones(inp.student_hidden.shape[0], dtype=torch.bool, device=inp.student_hidden.device)
+    return inp.labels != cfg.ignore_index
+
+
+class _Workspace:
+    """Preallocated ``[rows, V]`` compute-dtype slabs reused by every chunk of one call: fresh multi-MB
+    allocations per chunk cost more in page faults than the arithmetic done in them."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows, self.vocab, self.dtype, self.device = rows, vocab, dtype, device
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, r: int) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None:
+            buf = self._bufs[name] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
+        return buf[:r]
+
+
+def _logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: KDConfig,
+                 inv_temp: float = 1.0) -> torch.Tensor:
+    """``out = transform(x W^T + b) * inv_temp`` in the compute dtype, in place. Half-precision inputs go through
+    ``F.linear`` in their dtype first, so the logits are rounded exactly like the model's own ``lm_head``."""
+    if x.dtype == out.dtype:
+        torch.matmul(x, w.t(), out=out)
+        if b is not None:
+            out.add_(b)
+    else:
+        out.copy_(F.linear(x, w, b))
+    if cfg.logit_scale != 1.0:
+        out.mul_(cfg.logit_scale)
+    if cfg.softcap is not None:
+        out.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+    if inv_temp != 1.0:
+        out.mul_(inv_temp)
+    return out
+
+
+def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = softmax(x)`` row-wise; returns ``logsumexp(x)`` ``[rows]``."""
+    m = x.amax(-1, keepdim=True)
+    torch.sub(x, m, out=out).exp_()
+    total = out.sum(-1, keepdim=True)
+    out.div_(total)
+    return (m + total.log()).squeeze(-1)
+
+
+def _chunk(
+    inp: KDInputs,
+    cfg: KDConfig,
+    ws: _Workspace,
+    r0: int,
+    r1: int,
+    w_ce: torch.Tensor | None,
+    w_kd: torch.Tensor | None,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """CE, KD (with kd_scale) and stats of rows [r0, r1); with ``want_grad``, also ``d(sum w_ce CE + w_kd KD)/dz``
+    for the student's raw logits ``z = h W^T + b`` (``[rows, V]``, a workspace slab). A ``None`` weight means
+    zero."""
+    cdt = ws.dtype
+    h = inp.student_hidden[r0:r1]
+    rows = r1 - r0
+    dev = h.device
+    labels = inp.labels[r0:r1] if inp.labels is not None else None
+    valid = labels != cfg.ignore_index if labels is not None else torch.ones(rows, dtype=torch.bool, device=dev)
+    T = cfg.temperature
+    stats = torch.zeros(rows, NUM_STATS, dtype=cdt, device=dev)
+    ce = torch.zeros(rows, dtype=cdt, device=dev)
+    kd = torch.zeros(rows, dtype=cdt, device=dev)
+    dz = None
+
+    z = _logits_into(ws("z", rows), h, inp.student_weight, inp.student_bias, cfg)
+    probs_z = None
+    if labels is not None:
+        probs_z = ws("probs_z", rows)
+        lse_z = _softmax_into(z, probs_z)
+        safe = torch.where(valid, labels, 0)
+        ce = torch.where(valid, lse_z - z.gather(1, safe[:, None]).squeeze(1), 0.0)
+        stats[:, 0] = lse_z
+
+    if inp.has_teacher:
+        kd_grad = want_grad and w_kd is not None
+        log_q = ws("log_q", rows)
+        if T == 1.0 and probs_z is not None:
+            q, lse_s = probs_z, stats[:, 0]  # same distribution: reuse
+            torch.sub(z, lse_s[:, None], out=log_q)
+        else:
+            torch.mul(z, 1.0 / T, out=log_q)
+            q = ws("q", rows)
+            lse_s = _softmax_into(log_q, q)
+            log_q.sub_(lse_s[:, None])
+        stats[:, 1] = lse_s
+        wk = torch.where(valid, w_kd, 0.0).to(cdt) * (cfg.kd_scale / T) if kd_grad else None
+        if inp.teacher_weight is not None:
+            log_p = _logits_into(ws("log_p", rows), inp.teacher_hidden[r0:r1], inp.teacher_weight,
+                                 inp.teacher_bias, cfg, 1.0 / T)
+            p = ws("p", rows)
+            lse_t = _softmax_into(log_p, p)
+            log_p.sub_(lse_t[:, None])
+            stats[:, 2] = lse_t
+            value, grad, aux = kd_per_token_and_grad(
+                log_q, log_p, cfg.divergence, cfg.beta, q=q, p=p, scratch=ws("scratch", rows),
+                need_grad=kd_grad, overwrite=True,
+            )
+            stats[:, 3] = aux
+        else:
+            s_ids = log_q.gather(1, inp.topk_ids[r0:r1]) + lse_s[:, None]
+            lps = inp.topk_logprobs[r0:r1].to(cdt)
+            value, g_ids, g_lse = topk_kd_per_token_and_grad(s_ids, lse_s, lps, cfg.divergence, cfg.beta)
+            grad = None
+            if kd_grad:  # dD/ds_j = dD/dlse * q_j + [j in ids] dD/ds_ids
+                grad = torch.mul(q, g_lse[:, None], out=log_q)
+                grad.scatter_add_(1, inp.topk_ids[r0:r1], g_ids)
+        if kd_grad:
+            dz = grad.mul_(wk[:, None])
+        kd = torch.where(valid, value * cfg.kd_scale, 0.0)
+
+    if want_grad:
+        if labels is not None and w_ce is not None:
+            wc = torch.where(valid, w_ce, 0.0).to(cdt)
+            dz = probs_z.mul_(wc[:, None]) if dz is None else dz.addcmul_(probs_z, wc[:, None])
+            dz.scatter_add_(1, safe[:, None], -wc[:, None])
+        if dz is None:
+            dz = ws("log_q", rows).zero_()
+        if cfg.softcap is not None:  # d transform / dz = logit_scale (1 - (y / c)^2), y = transformed logits
+            dz.mul_(z.div_(cfg.softcap).square_().neg_().add_(1.0).mul_(cfg.logit_scale))
+        elif cfg.logit_scale != 1.0:
+            dz.mul_(cfg.logit_scale)
+    return ce, kd, stats, dz
+
+
+class _GradAccumulator:
+    """dh rows (input dtype), dW / db accumulated in fp32 (fp64 for fp64 inputs)."""
+
+    def __init__(self, inp: KDInputs, need_dh: bool, need_dw: bool, need_db: bool) -> None:
+        sh, sw = inp.student_hidden, inp.student_weight
+        acc = torch.float64 if sw.dtype == torch.float64 else torch.float32
+        self.inp = inp
+        self.dh = torch.empty_like(sh) if need_dh else None
+        self.dw = torch.zeros(sw.shape, dtype=acc, device=sw.device) if need_dw else None
+        self.db = torch.zeros(sw.shape[0], dtype=acc, device=sw.device) if need_db else None
+
+    def add(self, r0: int, r1: int, dz: torch.Tensor) -> None:
+        h, w = self.inp.student_hidden[r0:r1], self.inp.student_weight
+        if self.dh is not None:
+            # matmul in the weight's dtype (a [V, Hs] upcast would cost more than the whole chunk), fp32 accumulate
+            torch.matmul(dz.to(w.dtype), w, out=self.dh[r0:r1])
+        if self.dw is not None:
+            self.dw.addmm_(dz.t(), h.to(self.dw.dtype))
+        if self.db is not None:
+            self.db.add_(dz.sum(0))
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        dt = self.inp.student_weight.dtype
+        dw = self.dw.to(dt) if self.dw is not None else None
+        db = self.db.to(dt) if self.db is not None else None
+        return self.dh, dw, db
+
+
+def forward(
+    inp: KDInputs,
+    cfg: KDConfig,
+    *,
+    grad_scale: torch.Tensor | None = None,
+    need_dh: bool = False,
+    need_dw: bool = False,
+    need_db: bool = False,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """Per-row ``(ce [N], kd [N], stats [N, 4])`` and, when ``grad_scale`` is given and a ``need_*`` flag is set,
+    the gradients ``(dh, dw, db)`` of ``grad_scale * sum_i valid_i [(1-alpha) ce_i + alpha kd_i]``."""
+    n = inp.student_hidden.shape[0]
+    cdt = cdtype_of(inp)
+    dev = inp.student_hidden.device
+    ce = torch.zeros(n, dtype=cdt, device=dev)
+    kd = torch.zeros(n, dtype=cdt, device=dev)
+    stats = torch.zeros(n, NUM_STATS, dtype=cdt, device=dev)
+    fused = grad_scale is not None and (need_dh or need_dw or need_db)
+    acc = _GradAccumulator(inp, need_dh, need_dw, need_db) if fused else None
+    if fused:
+        gs = grad_scale.to(device=dev, dtype=cdt).reshape(())
+        w_ce_all = ((1.0 - cfg.alpha) * gs).expand(n) if cfg.alpha < 1.0 else None
+        w_kd_all = (cfg.alpha * gs).expand(n) if cfg.alpha > 0.0 else None
+    step = chunk_rows_for(inp.student_weight.shape[0], n, chunk_elements)
+    ws = _Workspace(step, inp.student_weight.shape[0], cdt, dev)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        wc = w_ce_all[r0:r1] if fused and w_ce_all is not None else None
+        wk = w_kd_all[r0:r1] if fused and w_kd_all is not None else None
+        ce[r0:r1], kd[r0:r1], stats[r0:r1], dz = _chunk(inp, cfg, ws, r0, r1, wc, wk, fused)
+        if fused:
+            acc.add(r0, r1, dz)
+    grads = acc.result() if fused else (None, None, None)
+    return ce, kd, stats, grads
+
+
+def backward(
+    inp: KDInputs,
+    cfg: KDConfig,
+    w_ce: torch.Tensor | None,
+    w_kd: torch.Tensor | None,
+    *,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum_i valid_i (w_ce_i ce_i + w_kd_i kd_i)`` by recomputing each chunk's logits (a ``None``
+    weight vector means zero)."""
+    n = inp.student_hidden.shape[0]
+    acc = _GradAccumulator(inp, need_dh, need_dw, need_db)
+    step = chunk_rows_for(inp.student_weight.shape[0], n, chunk_elements)
+    ws = _Workspace(step, inp.student_weight.shape[0], cdtype_of(inp), inp.student_hidden.device)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        wc = w_ce[r0:r1] if w_ce is not None else None
+        wk = w_kd[r0:r1] if w_kd is not None else None
+        _, _, _, dz = _chunk(inp, cfg, ws, r0, r1, wc, wk, True)
+        acc.add(r0, r1, dz)
+    return acc.result()

@@ -1,0 +1,595 @@
+"""fused_linear_kd: divergence math, backends <-> full-logits reference (forward and every gradient), dtypes,
+awkward shapes, reductions / gradient accumulation, vocab padding, sparse teachers, custom op and compile.
+
+Triton runs under TRITON_INTERPRET=1 on CPU (slow): its cases use tiny but awkward shapes (N, V, H not multiples
+of the interpreter's 16/32/16 tiles); larger vocabularies are exercised through the torch path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_error_budget, rel_error
+
+import tellneo.kernels.fused_linear_kd as K
+from tellneo._backend import BackendError
+from tellneo.ops import KDLossOutput, _kd_torch, fused_linear_kd, fused_linear_kd_reference
+from tellneo.ops import divergences as D
+
+BACKENDS = ["torch", "triton"]
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def make_case(n=13, hs=20, ht=24, v=37, vt=None, *, bias=False, teacher_bias=False, topk=None, ignore_every=4,
+              labels=True, seed=0, scale=1.0, lead=None):
+    """fp64 master tensors of one problem; ``cast(dtype)`` returns fresh leaves (student ones require grad)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * s
+
+    vt = vt or v
+    master = dict(
+        sh=rnd(n, hs, s=scale), sw=rnd(v, hs, s=hs**-0.5 * 2), sb=rnd(v) if bias else None,
+        th=rnd(n, ht, s=scale), tw=rnd(vt, ht, s=ht**-0.5 * 2), tb=rnd(vt) if teacher_bias else None,
+    )
+    lab = torch.randint(0, v, (n,), generator=g) if labels else None
+    if lab is not None and ignore_every:
+        lab[::ignore_every] = -100
+    ids = lps = None
+    if topk:
+        full = torch.log_softmax(rnd(n, v) * 2, -1)
+        top = full.topk(topk, dim=-1)
+        ids, lps = top.indices, top.values
+    if lead is not None:
+        master = {k: (x.reshape(*lead, x.shape[-1]) if k in ("sh", "th") and x is not None else x)
+                  for k, x in master.items()}
+        lab = lab.reshape(lead) if lab is not None else None
+
+    def cast(dtype, *, with_teacher=True):
+        t = {k: (x.to(dtype) if x is not None else None) for k, x in master.items()}
+        for k in ("sh", "sw", "sb"):
+            if t[k] is not None:
+                t[k].requires_grad_(True)
+        args = (t["sh"], t["sw"], t["th"] if with_teacher and not topk else None,
+                t["tw"] if with_teacher and not topk else None, lab)
+        kw = dict(student_bias=t["sb"])
+        if with_teacher and not topk:
+            kw["teacher_bias"] = t["tb"]
+        if topk and with_teacher:
+            kw["teacher_topk"] = (ids, lps.to(dtype))
+        return t, args, kw
+
+    return cast
+
+
+def run(fn, t, args, kw, grad_out=None, **opts):
+    out = fn(*args, **kw, **opts)
+    leaves = [t[k] for k in ("sh", "sw", "sb") if t[k] is not None]
+    if grad_out is None:
+        grad_out = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=False)
+    return [out, *grads]
+
+
+def backend_fn(backend):
+    return lambda *a, **k: fused_linear_kd(*a, **k, backend=backend)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force the torch path into several chunks (chunk of 8 rows) even on tiny shapes."""
+    monkeypatch.setattr(_kd_torch, "CHUNK_ELEMENTS", 1)
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    """Force several vocab splits in the Triton stats kernels (exercises the cross-split merge)."""
+    monkeypatch.setattr(K, "FORCE_SPLITS", 3)
+
+
+# ------------------------------------------------------------------------------------------- divergence math
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1),
+                                             ("jsd", 0.9), ("jsd", 0.0), ("jsd", 1.0)])
+def test_closed_form_gradient_matches_autograd(divergence, beta):
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(6, 29, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    t = torch.randn(6, 29, generator=g, dtype=torch.float64) * 3
+    log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    value = D.kd_per_token(log_q, log_p, divergence, beta)
+    w = torch.rand(6, generator=g, dtype=torch.float64)
+    (auto,) = torch.autograd.grad(value, s, w)
+    lq, lp = log_q.detach(), log_p
+    v2, closed, aux = D.kd_per_token_and_grad(lq, lp, divergence, beta)
+    torch.testing.assert_close(v2, value.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(closed * w[:, None], auto, rtol=1e-10, atol=1e-12)
+    assert (value > 0).all()
+    # the in-place fast form (buffers reused, probabilities supplied) gives the same numbers and leaves q alone
+    q = lq.exp()
+    q0 = q.clone()
+    v3, g3, aux3 = D.kd_per_token_and_grad(lq.clone(), lp.clone(), divergence, beta, q=q, p=lp.exp(),
+                                           scratch=torch.empty_like(q), overwrite=True)
+    torch.testing.assert_close(v3, v2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g3, closed, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(aux3, aux, rtol=1e-12, atol=1e-14)
+    assert torch.equal(q, q0)
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_topk_closed_form_gradient_matches_autograd(divergence, beta):
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(5, 40, generator=g, dtype=torch.float64) * 2
+    ids = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(5)])
+    lps = torch.log_softmax(torch.randn(5, 40, generator=g, dtype=torch.float64), -1).gather(1, ids)
+    lps[1, 4:] = -math.inf  # padding entries
+    s_ids = s.gather(1, ids).requires_grad_(True)
+    lse = torch.logsumexp(s, -1).requires_grad_(True)
+    value = D.topk_kd_per_token(s_ids, lse, lps, divergence, beta)
+    w = torch.rand(5, generator=g, dtype=torch.float64)
+    a_ids, a_lse = torch.autograd.grad(value, (s_ids, lse), w)
+    v2, c_ids, c_lse = D.topk_kd_per_token_and_grad(s_ids.detach(), lse.detach(), lps, divergence, beta)
+    torch.testing.assert_close(v2, value.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c_ids * w[:, None], a_ids, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(c_lse * w, a_lse, rtol=1e-9, atol=1e-12)
+    assert (c_ids[1, 4:] == 0).all(), "padding entries must get no gradient"
+    assert (value >= 0).all()
+
+
+def test_jsd_endpoints_are_exact_kls():
+    g = torch.Generator().manual_seed(3)
+    log_q = torch.log_softmax(torch.randn(4, 50, generator=g), -1)
+    log_p = torch.log_softmax(torch.randn(4, 50, generator=g), -1)
+    assert torch.equal(D.kd_per_token(log_q, log_p, "jsd", 0.0), D.kd_per_token(log_q, log_p, "forward_kl"))
+    assert torch.equal(D.kd_per_token(log_q, log_p, "jsd", 1.0), D.kd_per_token(log_q, log_p, "reverse_kl"))
+    # interior beta is the mixture form, which tends to 0 (not to a KL) at the endpoints: the maps are explicit
+    assert D.kd_per_token(log_q, log_p, "jsd", 1e-6).max() < 1e-4
+
+
+def test_topk_with_whole_vocab_equals_dense_teacher():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(3, 11, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 11, generator=g, dtype=torch.float64)
+    ids = torch.arange(11).expand(3, 11).flip(-1).contiguous()
+    lps = torch.log_softmax(t, -1).gather(1, ids)
+    for div in ("forward_kl", "reverse_kl", "jsd"):
+        dense = D.kd_per_token(torch.log_softmax(s, -1), torch.log_softmax(t, -1), div, 0.4)
+        sparse = D.topk_kd_per_token(s.gather(1, ids), torch.logsumexp(s, -1), lps, div, 0.4)
+        torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------- reference (fp64 AD)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(divergence="forward_kl", temperature=2.0, softcap=3.0, logit_scale=0.8, t2_scale=True),
+    dict(divergence="jsd", beta=0.3),
+    dict(divergence="reverse_kl", reduction="none"),
+    dict(divergence="jsd", beta=0.7, topk=4),
+])
+def test_reference_gradcheck_fp64(opts):
+    opts = dict(opts)
+    cast = make_case(n=4, hs=3, ht=5, v=7, bias=True, topk=opts.pop("topk", None), ignore_every=3)
+    t, args, kw = cast(torch.float64)
+
+    def f(sh, sw, sb):
+        return fused_linear_kd_reference(sh, sw, *args[2:], **{**kw, "student_bias": sb}, alpha=0.6, **opts)
+
+    assert torch.autograd.gradcheck(f, (t["sh"], t["sw"], t["sb"]), eps=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- torch path <-> reference, fp64
+
+TORCH_OPTS = [
+    dict(divergence="forward_kl"),
+    dict(divergence="reverse_kl", temperature=0.5),
+    dict(divergence="jsd", beta=0.5, temperature=2.0, t2_scale=True),
+    dict(divergence="jsd", beta=0.0),
+    dict(divergence="jsd", beta=1.0),
+    dict(divergence="jsd", beta=0.2, softcap=4.0, logit_scale=1.3),
+    dict(divergence="forward_kl", softcap=2.0, temperature=2.0),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("teacher", ["dense", "padded", "topk"])
+@pytest.mark.parametrize("opts", TORCH_OPTS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_torch_path_matches_reference_fp64(small_chunks, opts, teacher, reduction):
+    cast = make_case(n=21, v=37, vt=45 if teacher == "padded" else None, bias=True, teacher_bias=True,
+                     topk=5 if teacher == "topk" else None)
+    t, args, kw = cast(torch.float64)
+    want = run(fused_linear_kd_reference, t, args, kw, reduction=reduction, alpha=0.7, **opts)
+    t, args, kw = cast(torch.float64)
+    got = run(backend_fn("torch"), t, args, kw, reduction=reduction, alpha=0.7, **opts)
+    for name, a, b in zip(("loss", "d_hidden", "d_weight", "d_bias"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------ backends <-> reference, fp32 budget
+
+TRITON_CASES = [
+    # (case kwargs, op kwargs) -- every divergence, transform, teacher kind and reduction at least once
+    (dict(), dict(divergence="forward_kl")),
+    (dict(bias=True, teacher_bias=True, vt=41), dict(divergence="reverse_kl", temperature=0.5, reduction="sum")),
+    (dict(bias=True), dict(divergence="jsd", beta=0.5, temperature=2.0, t2_scale=True, reduction="none")),
+    (dict(), dict(divergence="jsd", beta=0.25, softcap=3.0, logit_scale=1.5)),
+    (dict(topk=5, bias=True), dict(divergence="forward_kl", temperature=2.0, softcap=5.0)),
+    (dict(topk=3), dict(divergence="jsd", beta=0.6, reduction="none")),
+    (dict(labels=False), dict(divergence="reverse_kl")),
+    (dict(), dict(alpha=0.0, divergence="forward_kl")),
+    (dict(), dict(alpha=1.0, divergence="jsd", beta=0.5)),
+]
+
+
+def _budget_check(backend, dtype, case_kw, op_kw, *, alpha=0.7):
+    op_kw = {"alpha": alpha, **op_kw}
+    cast = make_case(**case_kw)
+    t, args, kw = cast(torch.float64)
+    ref64 = run(fused_linear_kd_reference, t, args, kw, **op_kw)
+    t, args, kw = cast(dtype)
+    base = run(fused_linear_kd_reference, t, args, kw, **op_kw)
+    t, args, kw = cast(dtype)
+    got = run(backend_fn(backend), t, args, kw, **op_kw)
+    for name, a, r, b in zip(("loss", "d_hidden", "d_weight", "d_bias"), got, ref64, base):
+        assert a.dtype == b.dtype, name
+        assert_error_budget(a, r, b, factor=2.0, floor=2e-6, name=name)
+    return got, ref64
+
+
+@pytest.mark.parametrize("case_kw,op_kw", TRITON_CASES, ids=[f"c{i}" for i in range(len(TRITON_CASES))])
+def test_triton_matches_reference_fp32(splits, case_kw, op_kw):
+    _budget_check("triton", torch.float32, case_kw, op_kw)
+
+
+@pytest.mark.parametrize("case_kw,op_kw", TRITON_CASES[:4], ids=[f"c{i}" for i in range(4)])
+def test_torch_path_matches_reference_fp32(small_chunks, case_kw, op_kw):
+    _budget_check("torch", torch.float32, case_kw, op_kw)
+
+
+def test_triton_and_torch_agree_on_row_stats(splits):
+    """The two backends' O(N) statistics (what the backward consumes) agree, not only the losses."""
+    cast = make_case(n=19, v=53, bias=True)
+    t, args, kw = cast(torch.float32)
+    from tellneo.ops._kd_args import check_args
+
+    opts = dict(divergence="jsd", beta=0.4, temperature=1.5, t2_scale=False, alpha=0.5, ignore_index=-100,
+                num_items_in_batch=None, softcap=None, logit_scale=1.0, reduction="mean")
+    inp, cfg = check_args(*args, student_bias=kw["student_bias"], teacher_bias=None, teacher_topk=None, **opts)
+    with torch.no_grad():
+        ce_a, kd_a, st_a = K.triton_forward(inp, cfg)
+        ce_b, kd_b, st_b, _ = _kd_torch.forward(inp, cfg)
+    torch.testing.assert_close(st_a, st_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce_a, ce_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kd_a, kd_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_bf16_within_1e2_of_fp32_reference(backend, divergence):
+    cast = make_case(n=17, hs=24, ht=40, v=45, bias=True)
+    op_kw = dict(divergence=divergence, temperature=2.0, alpha=0.6)
+    t, args, kw = cast(torch.float32)
+    ref = run(fused_linear_kd_reference, t, args, kw, **op_kw)
+    t, args, kw = cast(torch.bfloat16)
+    base = run(fused_linear_kd_reference, t, args, kw, **op_kw)
+    t, args, kw = cast(torch.bfloat16)
+    got = run(backend_fn(backend), t, args, kw, **op_kw)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    for name, a, r, b in zip(("loss", "d_hidden", "d_weight", "d_bias"), got, ref, base):
+        assert rel_error(a, r) < 1e-2, f"{name}: {rel_error(a, r):.3e}"
+        assert_error_budget(a, r, b, factor=2.0, floor=1e-4, name=name)
+
+
+# ----------------------------------------------------------------------------------------------- awkward cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_row(backend):
+    _budget_check(backend, torch.float32, dict(n=1, ignore_every=0), dict(divergence="jsd", beta=0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", [257, 1000])
+def test_vocab_not_power_of_two(backend, v):
+    _budget_check(backend, torch.float32, dict(n=5, hs=8, ht=12, v=v), dict(divergence="reverse_kl"))
+
+
+@pytest.mark.parametrize("v", [49152, 128256])
+def test_large_real_vocab_patterns_torch(v):
+    _budget_check("torch", torch.float32, dict(n=6, hs=8, ht=4, v=v, bias=True), dict(divergence="jsd"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_tokens_ignored(backend, reduction):
+    cast = make_case(n=6, v=33, bias=True)
+    t, args, kw = cast(torch.float32)
+    args = (*args[:4], torch.full((6,), -100))
+    out = fused_linear_kd(*args, **kw, reduction=reduction, return_parts=True, backend=backend)
+    assert torch.isfinite(out.loss).all() and (out.loss == 0).all()
+    assert int(out.num_tokens) == 0 and (out.ce == 0).all() and (out.kd == 0).all()
+    grads = torch.autograd.grad(out.loss.sum(), (t["sh"], t["sw"], t["sb"]))
+    for g in grads:
+        assert torch.isfinite(g).all() and (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_valid_token(backend):
+    cast = make_case(n=7, v=29, ignore_every=0)
+    t, args, kw = cast(torch.float64)
+    lab = torch.full((7,), -100)
+    lab[3] = 5
+    args64 = (*args[:4], lab)
+    want = run(fused_linear_kd_reference, t, args64, kw, divergence="jsd")
+    t32, args32, kw32 = cast(torch.float32)
+    got = run(backend_fn(backend), t32, (*args32[:4], lab), kw32, divergence="jsd")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+    assert (got[1][torch.arange(7) != 3] == 0).all(), "ignored rows must get zero d_hidden"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_extreme_logits_do_not_overflow(backend, divergence):
+    """Logits of order +-1e4 (hidden scaled by 1e3): finite loss and grads, matching the fp64 reference."""
+    cast = make_case(n=6, hs=8, ht=8, v=40, scale=3e3, ignore_every=0)
+    t, args, kw = cast(torch.float64)
+    assert F_logits_max(t) > 5e3
+    want = run(fused_linear_kd_reference, t, args, kw, divergence=divergence, temperature=0.5)
+    t, args, kw = cast(torch.float32)
+    got = run(backend_fn(backend), t, args, kw, divergence=divergence, temperature=0.5)
+    for name, a, b in zip(("loss", "d_hidden", "d_weight"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert rel_error(a, b) < 1e-4, f"{name}: {rel_error(a, b):.3e}"
+
+
+def F_logits_max(t):
+    return (t["sh"].detach() @ t["sw"].detach().T).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_beta_temperature_grid_forward(backend, beta, temperature):
+    """Forward values over the beta x T grid (gradients of the same formulas are covered above)."""
+    cast = make_case(n=9, v=35)
+    t, args, kw = cast(torch.float64)
+    want = fused_linear_kd_reference(*args, **kw, divergence="jsd", beta=beta, temperature=temperature,
+                                     return_parts=True)
+    t, args, kw = cast(torch.float32)
+    with torch.no_grad():
+        got = fused_linear_kd(*args, **kw, divergence="jsd", beta=beta, temperature=temperature,
+                              return_parts=True, backend=backend)
+    torch.testing.assert_close(got.kd.double(), want.kd, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got.ce.double(), want.ce, rtol=2e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ reductions, accumulation, parts, shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_accumulation_matches_one_batch(backend):
+    """Two micro-batches divided by the global token count give the big batch's loss and gradients."""
+    cast = make_case(n=14, v=31, bias=True, ignore_every=3)
+    t, args, kw = cast(torch.float64 if backend == "torch" else torch.float32)
+    big = run(backend_fn(backend), t, args, kw, grad_out=torch.tensor(1.0), divergence="jsd")
+    lab = args[4]
+    total = torch.tensor(int((lab != -100).sum()))
+    acc = None
+    for sl in (slice(0, 5), slice(5, 14)):
+        part_args = (args[0][sl], args[1], args[2][sl], args[3], lab[sl])
+        out = fused_linear_kd(*part_args, **kw, divergence="jsd", num_items_in_batch=total, backend=backend)
+        grads = torch.autograd.grad(out, (t["sh"], t["sw"], t["sb"]))
+        cur = [out.detach(), *grads]
+        acc = cur if acc is None else [a + b for a, b in zip(acc, cur)]
+    for a, b in zip(acc, big):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reductions_and_parts_are_consistent(backend):
+    cast = make_case(n=10, v=23)
+    t, args, kw = cast(torch.float32)
+    common = dict(divergence="forward_kl", alpha=0.3, temperature=2.0, t2_scale=True, backend=backend)
+    with torch.no_grad():
+        none = fused_linear_kd(*args, **kw, reduction="none", return_parts=True, **common)
+        mean = fused_linear_kd(*args, **kw, reduction="mean", return_parts=True, **common)
+        summ = fused_linear_kd(*args, **kw, reduction="sum", return_parts=True, **common)
+        n_items = fused_linear_kd(*args, **kw, num_items_in_batch=4, **common)
+    valid = args[4] != -100
+    assert isinstance(mean, KDLossOutput) and int(mean.num_tokens) == int(valid.sum())
+    assert (none.loss[~valid] == 0).all() and (none.kd[~valid] == 0).all()
+    torch.testing.assert_close(none.loss, 0.7 * none.ce + 0.3 * none.kd)
+    torch.testing.assert_close(summ.loss, none.loss.sum())
+    torch.testing.assert_close(mean.loss, summ.loss / valid.sum())
+    torch.testing.assert_close(mean.loss, 0.7 * mean.ce + 0.3 * mean.kd)
+    torch.testing.assert_close(n_items, summ.loss / 4)
+    assert not mean.ce.requires_grad and not mean.kd.requires_grad
+
+
+def test_parts_are_detached_but_loss_is_not():
+    cast = make_case(n=5, v=17)
+    t, args, kw = cast(torch.float32)
+    out = fused_linear_kd(*args, **kw, return_parts=True)
+    assert out.loss.requires_grad and not out.ce.requires_grad and not out.kd.requires_grad
+    assert out.num_tokens.dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_are_flattened(backend):
+    cast = make_case(n=12, v=19, lead=(3, 4))
+    t, args, kw = cast(torch.float32)
+    assert args[0].shape == (3, 4, 20)
+    per_tok = fused_linear_kd(*args, **kw, reduction="none", backend=backend)
+    assert per_tok.shape == (3, 4)
+    flat = fused_linear_kd(args[0].reshape(12, 20), args[1], args[2].reshape(12, 24), args[3], args[4].reshape(12),
+                           **kw, reduction="none", backend=backend)
+    torch.testing.assert_close(per_tok.reshape(12), flat)
+    (g,) = torch.autograd.grad(per_tok.sum(), t["sh"])
+    assert g.shape == (3, 4, 20) and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_teacher_vocab_is_dropped_and_renormalised(backend):
+    """Vt > V: the extra teacher rows do not matter at all; equal to the teacher truncated to V."""
+    cast = make_case(n=8, v=21, vt=32, teacher_bias=True)
+    t, args, kw = cast(torch.float32)
+    with torch.no_grad():
+        a = fused_linear_kd(*args, **kw, divergence="jsd", backend=backend)
+        args2 = (*args[:3], args[3][:21].clone(), args[4])
+        kw2 = {**kw, "teacher_bias": kw["teacher_bias"][:21].clone()}
+        b = fused_linear_kd(*args2, **kw2, divergence="jsd", backend=backend)
+        tw = args[3].clone()
+        tw[21:] = 1e3 * torch.randn(11, tw.shape[1])  # garbage in the padded rows changes nothing
+        c = fused_linear_kd(*args[:3], tw, args[4], **kw, divergence="jsd", backend=backend)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_none_means_all_rows_kd_and_no_ce(backend):
+    cast = make_case(n=6, v=19, labels=False)
+    t, args, kw = cast(torch.float64 if backend == "torch" else torch.float32)
+    out = fused_linear_kd(*args, **kw, alpha=0.4, return_parts=True, backend=backend)
+    assert out.ce == 0 and int(out.num_tokens) == 6
+    torch.testing.assert_close(out.loss.detach(), 0.4 * out.kd)
+
+
+def test_ce_only_matches_cross_entropy():
+    cast = make_case(n=9, v=27, bias=True)
+    t, args, kw = cast(torch.float64)
+    loss = fused_linear_kd(args[0], args[1], None, None, args[4], student_bias=t["sb"], alpha=0.0)
+    want = torch.nn.functional.cross_entropy(args[0] @ args[1].T + t["sb"], args[4], ignore_index=-100)
+    torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_teacher_padding_entries_drop_out(backend):
+    cast = make_case(n=6, v=25, topk=4)
+    t, args, kw = cast(torch.float32)
+    ids, lps = kw["teacher_topk"]
+    lps_pad = torch.cat([lps, torch.full((6, 2), -math.inf)], 1)
+    ids_pad = torch.cat([ids, ids[:, :2]], 1)  # duplicate ids are fine in padding slots
+    with torch.no_grad():
+        a = fused_linear_kd(*args, **kw, backend=backend)
+        b = fused_linear_kd(*args, **{**kw, "teacher_topk": (ids_pad, lps_pad)}, backend=backend)
+    torch.testing.assert_close(a, b)
+
+
+def test_teacher_receives_no_gradient():
+    cast = make_case(n=5, v=13)
+    t, args, kw = cast(torch.float32)
+    th = args[2].clone().requires_grad_(True)
+    loss = fused_linear_kd(args[0], args[1], th, args[3], args[4], **kw)
+    loss.backward()
+    assert th.grad is None and t["sh"].grad is not None
+
+
+def test_frozen_weight_gets_no_gradient_and_is_not_computed():
+    cast = make_case(n=5, v=13)
+    t, args, kw = cast(torch.float32)
+    w = args[1].detach()
+    loss = fused_linear_kd(args[0], w, *args[2:], **kw)
+    (g,) = torch.autograd.grad(loss, t["sh"])
+    assert torch.isfinite(g).all()
+
+
+# ------------------------------------------------------------------------------------------- dispatch / compile
+
+
+def test_auto_backend_is_torch_on_cpu_and_env_override(monkeypatch):
+    from tellneo.ops.fused_linear_kd import _choose
+    from tellneo.ops._kd_args import check_args
+
+    cast = make_case(n=3, v=7)
+    t, args, kw = cast(torch.float32)
+    inp, _ = check_args(*args, student_bias=None, teacher_bias=None, teacher_topk=None, divergence="jsd", beta=0.5,
+                        temperature=1.0, t2_scale=False, alpha=0.5, ignore_index=-100, num_items_in_batch=None,
+                        softcap=None, logit_scale=1.0, reduction="mean")
+    monkeypatch.delenv("TELLNEO_BACKEND", raising=False)
+    assert _choose(inp, "auto") == "torch"
+    monkeypatch.setenv("TELLNEO_BACKEND", "triton")
+    assert _choose(inp, "auto") == "triton"  # interpreter is on in the test session
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendError, match="TRITON_INTERPRET"):
+        _choose(inp, "triton")
+    with pytest.raises(BackendError, match="not implemented"):
+        _choose(inp, "cpp")
+
+
+def test_float64_is_rejected_by_triton_backend():
+    cast = make_case(n=3, v=7)
+    t, args, kw = cast(torch.float64)
+    with pytest.raises(BackendError, match="float64"):
+        fused_linear_kd(*args, **kw, backend="triton")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_opcheck_torch_backend(fused):
+    cast = make_case(n=6, hs=5, ht=7, v=11, bias=True)
+    t, args, kw = cast(torch.float32)
+    sh, sw, th, tw, lab = args
+    op_args = (sh, sw, t["sb"], th, tw, None, lab, None, None, torch.tensor(0.2), "jsd", 0.4, 2.0, 4.0, 0.5, -100,
+               3.0, 1.0, "torch", True, True, True, fused)
+    torch.library.opcheck(torch.ops.tellneo.fused_linear_kd_fwd.default, op_args)
+
+
+def test_opcheck_triton_backend(splits):
+    cast = make_case(n=5, hs=5, ht=7, v=11)
+    t, args, kw = cast(torch.float32)
+    sh, sw, th, tw, lab = args
+    op_args = (sh, sw, None, th, tw, None, lab, None, None, torch.tensor(0.2), "reverse_kl", 0.5, 1.0, 1.0, 0.5,
+               -100, None, 1.0, "triton", True, True, False, False)
+    torch.library.opcheck(torch.ops.tellneo.fused_linear_kd_fwd.default, op_args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    cast = make_case(n=8, v=17, bias=True)
+    t, args, kw = cast(torch.float32)
+
+    def f(sh, sw, sb, th, tw, lab):
+        return fused_linear_kd(sh, sw, th, tw, lab, student_bias=sb, divergence="jsd", temperature=2.0,
+                               backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(t["sh"], t["sw"], t["sb"], *args[2:])
+    want = f(t["sh"], t["sw"], t["sb"], *args[2:])
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got, (t["sh"], t["sw"], t["sb"]))
+    g_want = torch.autograd.grad(want, (t["sh"], t["sw"], t["sb"]))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_gpu_triton_matches_reference_bf16_without_host_sync(divergence):
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, hs, ht, v = 1000, 256, 384, 32003
+    sh = (torch.randn(n, hs, generator=g) * 0.5).to(dev, torch.bfloat16).requires_grad_(True)
+    sw = (torch.randn(v, hs, generator=g) * hs**-0.5 * 3).to(dev, torch.bfloat16).requires_grad_(True)
+    th = torch.randn(n, ht, generator=g).to(dev, torch.bfloat16)
+    tw = (torch.randn(v + 61, ht, generator=g) * ht**-0.5 * 3).to(dev, torch.bfloat16)
+    lab = torch.randint(0, v, (n,), generator=g).to(dev)
+    lab[::7] = -100
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fused_linear_kd(sh, sw, th, tw, lab, divergence=divergence, temperature=2.0, backend="triton")
+        dh, dw = torch.autograd.grad(loss, (sh, sw))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    sh32, sw32 = sh.detach().float().requires_grad_(True), sw.detach().float().requires_grad_(True)
+    ref = fused_linear_kd_reference(sh32, sw32, th.float(), tw.float(), lab, divergence=divergence, temperature=2.0)
+    rdh, rdw = torch.autograd.grad(ref, (sh32, sw32))
+    assert rel_error(loss, ref) < 1e-2
+    assert rel_error(dh, rdh) < 1e-2 and rel_error(dw, rdw) < 1e-2
