@@ -1,2 +1,4 @@
 """Fused ops: one module per op, each with its autograd function, argument checks, backend dispatch and a
 readable plain-PyTorch reference of the same math."""
+
+from tellneo.ops.lora_linear import lora_dropout_mask, lora_linear, lora_linear_reference  # noqa: E402,F401
