@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tellneo._backend import log_once
+from tellneo.ops.lora_linear import lora_linear
 
 __all__ = ["PatchReport", "patch", "unpatch", "is_patched"]
 
@@ -130,8 +131,6 @@ def _call_reason(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) 
 
 
 def _fused_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    from tellneo.ops.lora_linear import lora_linear
-
     state = getattr(module, _MARK)
     reason = _call_reason(module, x, args, kwargs)
     if reason is not None:

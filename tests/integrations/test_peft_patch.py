@@ -68,11 +68,11 @@ def test_patch_all_linear_matches_peft_and_unpatch_restores():
 
 def test_patched_forward_is_the_fused_op(monkeypatch):
     """The patched layers really call tellneo's op (not PEFT's forward)."""
-    import tellneo.ops.lora_linear as op_module
+    import tellneo.integrations.peft as integration
 
     calls = []
-    real = op_module.lora_linear
-    monkeypatch.setattr(op_module, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = integration.lora_linear
+    monkeypatch.setattr(integration, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_peft()
     patch(model)
     model(**batch())

@@ -10,7 +10,7 @@ from tellneo._backend import BackendError
 from tellneo.ops.lora_linear import lora_dropout_mask, lora_linear, lora_linear_reference
 
 # Triton runs under TRITON_INTERPRET=1 on CPU (slow): its cases use small shapes.
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "triton"]
 
 
 def make_inputs(n, d_in, d_out, r, dtype, device="cpu", *, bias=True, lead=(), seed=0, weight_grad=False):
