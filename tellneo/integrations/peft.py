@@ -1,0 +1,212 @@
+"""Drop-in for PEFT: route the forward of PEFT ``lora.Linear`` layers through :func:`tellneo.ops.lora_linear`.
+
+``patch(model)`` sets an instance-level ``forward`` on every supported ``peft.tuners.lora.Linear`` in ``model``
+(nothing global is rebound, nothing happens at import time) and returns a :class:`PatchReport`;
+``unpatch(model)`` removes it again. A layer is patched when its configuration is one the fused op computes
+exactly:
+
+* a plain ``nn.Linear`` base layer (no quantised/hooked/overridden base), not ``fan_in_fan_out``;
+* vanilla LoRA for its adapters: no DoRA or other PEFT variant, no ``lora_bias``;
+* ``lora_dropout`` is ``nn.Dropout`` or ``nn.Identity``.
+
+Per call, the patched forward still falls back to PEFT's own forward (exactly PEFT's result) whenever the
+layer's state is outside what the op computes: adapters disabled or merged, not exactly one active adapter,
+mixed-adapter batches (``adapter_names=``), extra forward arguments, or input/base/adapter dtypes that differ.
+Dropout follows the dropout module's ``training`` flag, so ``model.eval()`` turns it off.
+
+Because PEFT's own modules, parameters and state dict are untouched, ``merge_and_unload``, ``save_pretrained``
+/ ``load_adapter``, ``set_adapter``, gradient checkpointing and the HF ``Trainer`` behave as without the patch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tellneo._backend import log_once
+from tellneo.ops.lora_linear import lora_linear
+
+__all__ = ["PatchReport", "patch", "unpatch", "is_patched"]
+
+logger = logging.getLogger("tellneo")
+
+_MARK = "_tellneo_lora_patch"  # instance attribute holding the patch's state (its presence = patched)
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did: qualified module names patched, and the LoRA layers left alone with the reason."""
+
+    patched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    backend: str = "auto"
+
+    def __len__(self) -> int:
+        return len(self.patched)
+
+    def summary(self) -> str:
+        lines = [f"tellneo.peft.patch: {len(self.patched)} LoRA linear layer(s) fused (backend={self.backend})"]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} LoRA layer(s) left to PEFT:")
+            lines += [f"  {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _lora_linear_cls() -> type:
+    from peft.tuners.lora.layer import Linear
+
+    return Linear
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:  # peft not installed: nothing to patch
+        return False
+    return isinstance(module, LoraLayer)
+
+
+def _static_reason(module: nn.Module) -> str | None:
+    """Why this LoRA layer cannot be fused at all (None if it can)."""
+    linear_cls = _lora_linear_cls()
+    if not isinstance(module, linear_cls):
+        return f"{type(module).__name__} is not a peft lora.Linear"
+    if type(module).forward is not linear_cls.forward:
+        return f"{type(module).__name__} overrides lora.Linear.forward"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (Conv1D base) is not supported"
+    base = module.get_base_layer()
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        return f"base layer {type(base).__name__} is not a plain nn.Linear"
+    if "forward" in vars(base) or base._forward_hooks or base._forward_pre_hooks:
+        return "base layer has forward hooks or an instance-level forward"
+    if not base.weight.dtype.is_floating_point:
+        return f"base weight dtype {base.weight.dtype} is not floating point"
+    for adapter in module.lora_A:
+        reason = _adapter_reason(module, adapter)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _adapter_reason(module: nn.Module, adapter: str) -> str | None:
+    if module.use_dora.get(adapter, False) or adapter in getattr(module, "lora_variant", {}):
+        return f"adapter {adapter!r} uses DoRA or another LoRA variant"
+    if getattr(module, "lora_bias", {}).get(adapter, False):
+        return f"adapter {adapter!r} has lora_bias=True"
+    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None:
+        return f"adapter {adapter!r} has non-standard lora_A/lora_B modules"
+    drop = module.lora_dropout[adapter]
+    if type(drop) not in (nn.Dropout, nn.Identity):
+        return f"adapter {adapter!r} dropout is {type(drop).__name__}, not nn.Dropout/nn.Identity"
+    return None
+
+
+def _call_reason(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+    """Why this particular call must go through PEFT's forward (None if the fused op computes it)."""
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments (e.g. adapter_names)"
+    if module.disable_adapters:
+        return "adapters are disabled"
+    if module.merged:
+        return "adapter weights are merged into the base layer"
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active LoRA adapters (the fused op handles exactly one)"
+    reason = _adapter_reason(module, active[0])
+    if reason is not None:
+        return reason
+    base = module.get_base_layer()
+    dtypes = {x.dtype, base.weight.dtype, module.lora_A[active[0]].weight.dtype, module.lora_B[active[0]].weight.dtype}
+    if base.bias is not None:
+        dtypes.add(base.bias.dtype)
+    if len(dtypes) != 1:
+        return f"mixed dtypes {sorted(str(d) for d in dtypes)} (PEFT casts between them)"
+    return None
+
+
+def _fused_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    state = getattr(module, _MARK)
+    reason = _call_reason(module, x, args, kwargs)
+    if reason is not None:
+        log_once(("peft.patch", reason), f"tellneo.peft: PEFT forward used for some calls: {reason}")
+        return state["original"](x, *args, **kwargs)
+    adapter = next(a for a in module.active_adapters if a in module.lora_A)
+    base = module.get_base_layer()
+    drop = module.lora_dropout[adapter]
+    p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    return lora_linear(
+        x,
+        base.weight,
+        module.lora_A[adapter].weight,
+        module.lora_B[adapter].weight,
+        float(module.scaling[adapter]),
+        bias=base.bias,
+        dropout_p=p,
+        backend=state["backend"],
+    )
+
+
+class _PatchedForward:
+    """Picklable, deep-copyable bound forward (a ``functools.partial``-like callable that keeps the module)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _fused_forward(self.module, x, *args, **kwargs)
+
+
+def is_patched(module: nn.Module) -> bool:
+    """Whether ``module`` currently has the fused forward installed by :func:`patch`."""
+    return _MARK in vars(module)
+
+
+def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
+    """Fuse every supported PEFT ``lora.Linear`` in ``model``; returns what was patched and what was not (logged
+    once). Idempotent; reverse with :func:`unpatch`. ``backend`` is passed to :func:`tellneo.ops.lora_linear`.
+    """
+    report = PatchReport(backend=backend)
+    for name, module in model.named_modules():
+        if not _is_lora_layer(module):
+            continue
+        if is_patched(module):
+            report.patched.append(name)
+            continue
+        reason = _static_reason(module)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        original_instance_forward = vars(module).get("forward")
+        setattr(
+            module,
+            _MARK,
+            {"backend": backend, "original": module.forward, "instance_forward": original_instance_forward},
+        )
+        module.forward = _PatchedForward(module)
+        report.patched.append(name)
+    if report.skipped:
+        logger.warning(report.summary())
+    else:
+        logger.info(report.summary())
+    return report
+
+
+def unpatch(model: nn.Module) -> list[str]:
+    """Restore PEFT's forward on every layer :func:`patch` fused; returns the names restored."""
+    restored = []
+    for name, module in model.named_modules():
+        if not is_patched(module):
+            continue
+        state = vars(module).pop(_MARK)
+        if state["instance_forward"] is not None:
+            module.forward = state["instance_forward"]
+        else:
+            del module.forward
+        restored.append(name)
+    return restored
