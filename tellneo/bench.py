@@ -7,8 +7,10 @@ one CSV (and a PNG beside it) with the columns the design fixes::
 
 plus any extra columns a suite adds (fill rate, tokens/s, ...). ``time_ms`` is the median of ``repeat`` timed
 calls after ``warmup`` calls; ``peak_mb`` is the peak CUDA memory allocated by the call (CUDA) or the growth of
-the process's peak resident set during the first call (CPU). On CPU every (case, impl) runs in a fresh spawned
-interpreter so that one measurement's allocator caches cannot hide another's memory.
+the process's peak resident set during the first call (CPU). On CPU every (case, impl) runs in two fresh spawned
+interpreters: one measures memory (with glibc told to return freed memory to the kernel — a fixed mmap threshold
+and ``malloc_trim`` before the baseline — so that memory freed while building the inputs cannot be silently
+reused and hide the call's own allocations), the other measures time with the allocator's default behaviour.
 
 A measured callable is described by a :class:`Job`: an importable ``module:function`` that builds the inputs and
 returns a zero-argument callable to time. Building happens before the memory baseline is taken.
@@ -133,11 +135,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_here(job: Job, device: str, warmup: int, repeat: int) -> Measurement:
-    """Measure ``job`` in this process (used directly for CUDA, inside a fresh child for CPU)."""
+def _trim_heap() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_here(job: Job, device: str, warmup: int, repeat: int, *, memory: bool = True,
+                 timing: bool = True) -> Measurement:
+    """Measure ``job`` in this process (used directly for CUDA, inside fresh children for CPU)."""
     fn, extra = job.build()
     _sync(device)
-    if device.startswith("cuda"):
+    peak_mb = math.nan
+    if memory and device.startswith("cuda"):
         import torch
 
         torch.cuda.empty_cache()
@@ -146,13 +161,16 @@ def measure_here(job: Job, device: str, warmup: int, repeat: int) -> Measurement
         fn()
         torch.cuda.synchronize()
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
+    elif memory:
+        _trim_heap()
         if not _reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); CPU peak memory unavailable")
         before = _rss_kib("VmRSS")
         fn()
         peak_mb = max(0, _rss_kib("VmHWM") - before) / 1024
-    for _ in range(max(0, warmup - 1)):
+    if not timing:
+        return Measurement(math.nan, peak_mb, extra)
+    for _ in range(max(0, warmup - (1 if memory else 0))):
         fn()
     times = []
     for _ in range(repeat):
@@ -164,13 +182,13 @@ def measure_here(job: Job, device: str, warmup: int, repeat: int) -> Measurement
     return Measurement(statistics.median(times), peak_mb, extra)
 
 
-def _child(job: Job, device: str, warmup: int, repeat: int, threads: int | None, queue: Any) -> None:
+def _child(job: Job, device: str, warmup: int, repeat: int, threads: int | None, queue: Any, what: str) -> None:
     try:
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        queue.put(("ok", measure_here(job, device, warmup, repeat)))
+        queue.put(("ok", measure_here(job, device, warmup, repeat, memory=what == "memory", timing=what == "time")))
     except BaseException as exc:  # reported to the parent, which raises
         import traceback
 
@@ -185,10 +203,32 @@ def measure(
     isolate = (not device.startswith("cuda")) if isolate is None else isolate
     if not isolate:
         return measure_here(job, device, warmup, repeat)
+    mem = _run_child(job, device, warmup, repeat, threads, timeout_s, "memory")
+    tim = _run_child(job, device, warmup, repeat, threads, timeout_s, "time")
+    return Measurement(tim.time_ms, mem.peak_mb, tim.extra)
+
+
+# glibc: a fixed mmap threshold turns off its dynamic threshold, so big blocks freed while the inputs were built
+# go back to the kernel instead of being reused unseen by the measured call.
+_MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def _run_child(job: Job, device: str, warmup: int, repeat: int, threads: int | None, timeout_s: float,
+               what: str) -> Measurement:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(job, device, warmup, repeat, threads, queue))
-    proc.start()
+    proc = ctx.Process(target=_child, args=(job, device, warmup, repeat, threads, queue, what))
+    saved = {k: os.environ.get(k) for k in _MEMORY_CHILD_ENV}
+    if what == "memory":
+        os.environ.update(_MEMORY_CHILD_ENV)
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -197,6 +237,11 @@ def measure(
                 break
             except Exception:  # queue.Empty: keep waiting while the child lives
                 if not proc.is_alive():
+                    try:  # the child may have reported just before exiting
+                        status, payload = queue.get(timeout=1.0)
+                        break
+                    except Exception:
+                        pass
                     raise RuntimeError(
                         f"benchmark job {job.target} {job.kwargs} died with exit code {proc.exitcode} "
                         "(-9 usually means the kernel's out-of-memory killer)"
