@@ -208,22 +208,42 @@ def emit_rows(
     backend: str = "auto",
     device: torch.device | str | None = None,
     num_threads: int = 1,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, Any]:
-    """Training tensors for ``rows`` of ``plan`` (default: all rows) over ``store``; see the module docstring."""
+    """Training tensors for ``rows`` of ``plan`` (default: all rows) over ``store``; see the module docstring.
+
+    ``pad_to_multiple_of`` (flat layout only) appends one padding segment so the total length is a multiple of it
+    (stable shapes for ``torch.compile`` / tensor cores); the padding has position ids 0..k-1, label -100 and
+    its own ``cu_seq_lens`` entry.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if plan.num_pieces and int(plan.sample.max()) >= len(store):
         raise ValueError(f"plan refers to sample {int(plan.sample.max())} but the store holds {len(store)} samples")
+    if pad_to_multiple_of is not None and layout != "flat":
+        raise ValueError("pad_to_multiple_of applies to layout='flat' (rows are always seq_len long)")
     rows_arr = _rows_array(range(plan.num_rows) if rows is None else rows, plan.num_rows)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if _resolve(backend, dev) == "torch":
-        return emit_rows_reference(store, plan, rows_arr, layout=layout, pad_id=pad_id, device=dev)
+        return emit_rows_reference(store, plan, rows_arr, layout=layout, pad_id=pad_id, device=dev,
+                                   pad_to_multiple_of=pad_to_multiple_of)
     src, length = row_segments(plan, store, rows_arr)
     if layout == "flat":
         keep = src >= 0
-        src, length = src[keep], length[keep]
+        src, length = _pad_segments(src[keep], length[keep], pad_to_multiple_of)
     flat = emit_segments(store, src, length, pad_id=pad_id, backend=backend, device=dev, num_threads=num_threads)
     return _shape_output(flat, layout, rows_arr.size, plan.seq_len)
+
+
+def _pad_segments(src: np.ndarray, length: np.ndarray, multiple: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if multiple is None:
+        return src, length
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple <= 0:
+        raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {multiple!r}")
+    short = -int(length.sum()) % multiple
+    if short == 0:
+        return src, length
+    return np.append(src, -1).astype(np.int64), np.append(length, short).astype(np.int64)
 
 
 def emit_samples(
@@ -233,15 +253,17 @@ def emit_samples(
     pad_id: int = 0,
     backend: str = "auto",
     device: torch.device | str | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, Any]:
-    """The flattened one-row format (``DataCollatorWithFlattening``) for whole ``samples`` (default: all)."""
+    """The flattened one-row format (``DataCollatorWithFlattening``) for whole ``samples`` (default: all);
+    ``pad_to_multiple_of`` as in :func:`emit_rows`."""
     from tellneo.data.tokens import _as_int_array
 
     idx = np.arange(len(store)) if samples is None else _as_int_array(samples, "samples").astype(np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= len(store)):
         raise ValueError(f"samples must lie in [0, {len(store)}), got [{idx.min()}, {idx.max()}]")
-    flat = emit_segments(store, store.offsets[idx], store.lengths[idx], pad_id=pad_id, backend=backend,
-                         device=device)
+    src, length = _pad_segments(store.offsets[idx], store.lengths[idx], pad_to_multiple_of)
+    flat = emit_segments(store, src, length, pad_id=pad_id, backend=backend, device=device)
     return _shape_output(flat, "flat", 1, None)
 
 
@@ -267,6 +289,7 @@ def emit_rows_reference(
     layout: str = "rows",
     pad_id: int = 0,
     device: torch.device | str = "cpu",
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, Any]:
     """Readable specification of :func:`emit_rows`, written from the plan directly (no segment helpers)."""
     L = plan.seq_len
@@ -312,6 +335,11 @@ def emit_rows_reference(
     # flat: keep real tokens only, renumber segments
     keep = np.arange(L)[None, :] < used[:, None]
     flat_ids, flat_labels, flat_pos = ids[keep], labels[keep], positions[keep]
+    if pad_to_multiple_of:
+        short = -flat_ids.size % pad_to_multiple_of
+        flat_ids = np.append(flat_ids, np.full(short, pad_id, np.int64))
+        flat_labels = np.append(flat_labels, np.full(short, IGNORE_INDEX, np.int64))
+        flat_pos = np.append(flat_pos, np.arange(short, dtype=np.int64))
     starts = np.flatnonzero(flat_pos == 0)
     flat_seq = (np.cumsum(flat_pos == 0) - 1).astype(np.int32)
     cu = np.append(starts, flat_ids.size).astype(np.int32)

@@ -148,3 +148,23 @@ def test_cpp_extension_checks_arguments():
     small = np.empty(2, np.int64)
     with pytest.raises(ValueError, match="input_ids must have 4 elements"):
         C.emit(np.arange(8), None, np.array([0]), cu, 0, small, small, small, np.empty(2, np.int32))
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 64])
+def test_flat_padding_to_a_multiple(multiple):
+    rng = np.random.default_rng(11)
+    store = random_store(rng, 30, 20)
+    p = plan(store.lengths, 32)
+    cpp = emit_rows(store, p, layout="flat", pad_to_multiple_of=multiple, pad_id=3, backend="cpp")
+    ref = emit_rows_reference(store, p, range(p.num_rows), layout="flat", pad_to_multiple_of=multiple, pad_id=3)
+    assert_bitwise_equal(cpp, ref, KEYS_FLAT)
+    total = cpp["input_ids"].shape[1]
+    assert total % multiple == 0 and total - store.num_tokens < multiple
+    pad = total - store.num_tokens
+    if pad:
+        assert cpp["input_ids"][0, -pad:].eq(3).all() and cpp["labels"][0, -pad:].eq(IGNORE_INDEX).all()
+        assert cpp["cu_seq_lens_q"][-2] == store.num_tokens
+    samples = emit_samples(store, pad_to_multiple_of=multiple)
+    assert samples["input_ids"].shape[1] % multiple == 0
+    with pytest.raises(ValueError, match="applies to layout='flat'"):
+        emit_rows(store, p, pad_to_multiple_of=8)
