@@ -64,11 +64,13 @@ def _logits_tile(
 ):
     """transform(x[rows] @ w[cols]^T + b[cols]) as a [BLOCK_N, BLOCK_V] fp32 tile (masked entries finite)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # int64: V * H can exceed 2**31
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < H
-        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
         acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -265,19 +267,19 @@ def _kd_bwd_kernel(
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, 0), mask=col_mask)
     dz_in = dz.to(sw_ptr.dtype.element_ty)
+    rows64 = rows.to(tl.int64)[:, None]
+    cols64 = cols.to(tl.int64)[:, None]
     for k0 in range(0, HS, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < HS
         if NEED_DH:
-            w = tl.load(sw_ptr + cols[:, None] * stride_sw + ks[None, :], mask=col_mask[:, None] & kmask[None, :],
-                        other=0.0)
+            w = tl.load(sw_ptr + cols64 * stride_sw + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
             part = _dot(dz_in, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), PRECISION_S, UPCAST)
-            tl.atomic_add(dh_ptr + rows[:, None] * HS + ks[None, :], part, mask=row_mask[:, None] & kmask[None, :])
+            tl.atomic_add(dh_ptr + rows64 * HS + ks[None, :], part, mask=row_mask[:, None] & kmask[None, :])
         if NEED_DW:
-            h = tl.load(sh_ptr + rows[:, None] * stride_sh + ks[None, :], mask=row_mask[:, None] & kmask[None, :],
-                        other=0.0)
+            h = tl.load(sh_ptr + rows64 * stride_sh + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
             part = _dot(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), PRECISION_S, UPCAST)
-            tl.atomic_add(dw_ptr + cols[:, None] * HS + ks[None, :], part, mask=col_mask[:, None] & kmask[None, :])
+            tl.atomic_add(dw_ptr + cols64 * HS + ks[None, :], part, mask=col_mask[:, None] & kmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------- launchers

@@ -186,6 +186,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*[args[k] for k in _TENSOR_ARGS if args[k] is not None], stats, dh, dw, db)
 
 
+def _is_plain_cpu_one(g: Tensor) -> bool:
+    """True for a real (not fake / traced) CPU scalar equal to 1; reading a CPU value is not a device sync."""
+    return (type(g) is torch.Tensor and g.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool(g == 1.0))
+
+
 def _backward(ctx, g_loss, g_ce, g_kd, g_stats, g_dh, g_dw, g_db):
     saved = list(ctx.saved_tensors)
     stats, dh, dw, db = saved[-4:]
@@ -197,7 +203,13 @@ def _backward(ctx, g_loss, g_ce, g_kd, g_stats, g_dh, g_dw, g_db):
         if g_loss is None:
             return (None,) * (len(_TENSOR_ARGS) + len(_SCALAR_ARGS))
         g = g_loss.reshape(())
-        grads = [x * g.to(x.dtype) if n else None for x, n in zip((dh, dw, db), need)]
+        if _is_plain_cpu_one(g):
+            # loss.backward() on CPU: hand the precomputed gradients over as they are instead of allocating a
+            # scaled copy of dW (a second [V, Hs] tensor at the peak). Autograd clones them if the graph is
+            # retained, so a later backward still sees the saved values.
+            grads = [x if n else None for x, n in zip((dh, dw, db), need)]
+        else:
+            grads = [x * g.to(x.dtype) if n else None for x, n in zip((dh, dw, db), need)]
     else:
         alpha, gs = sc["alpha"], t["grad_scale"].reshape(())
         w_ce = g_ce
