@@ -593,3 +593,82 @@ def test_gpu_triton_matches_reference_bf16_without_host_sync(divergence):
     rdh, rdw = torch.autograd.grad(ref, (sh32, sw32))
     assert rel_error(loss, ref) < 1e-2
     assert rel_error(dh, rdh) < 1e-2 and rel_error(dw, rdw) < 1e-2
+
+
+# ------------------------------------------------------------------------------------- usage patterns / policies
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_shift_usage_with_non_contiguous_slices(backend):
+    """The documented caller pattern: hidden[:, :-1] predicts labels[:, 1:] (non-contiguous [B, T-1, H] views)."""
+    g = torch.Generator().manual_seed(5)
+    b, t, hs, ht, v = 2, 7, 12, 16, 23
+    h_s = torch.randn(b, t, hs, generator=g, requires_grad=True)
+    h_t = torch.randn(b, t, ht, generator=g)
+    ws, wt = torch.randn(v, hs, generator=g) * 0.3, torch.randn(v, ht, generator=g) * 0.3
+    ids = torch.randint(0, v, (b, t), generator=g)
+    ids[0, :2] = -100
+    got = fused_linear_kd(h_s[:, :-1], ws, h_t[:, :-1], wt, ids[:, 1:], backend=backend)
+    (g_got,) = torch.autograd.grad(got, h_s)
+    want = fused_linear_kd_reference(h_s[:, :-1].contiguous(), ws, h_t[:, :-1].contiguous(), wt,
+                                     ids[:, 1:].contiguous())
+    (g_want,) = torch.autograd.grad(want, h_s)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+    assert (g_got[:, -1] == 0).all(), "the last position predicts nothing"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_in_another_dtype(backend):
+    """A bf16 teacher with an fp32 student: the teacher logits are computed in bf16 (as its lm_head would)."""
+    cast = make_case(n=9, v=31)
+    t32, args32, kw32 = cast(torch.float32)
+    th16, tw16 = args32[2].to(torch.bfloat16), args32[3].to(torch.bfloat16)
+    got = run(backend_fn(backend), t32, (args32[0], args32[1], th16, tw16, args32[4]), kw32, divergence="jsd")
+    t32b, args, kw = cast(torch.float32)
+    want = run(fused_linear_kd_reference, t32b, (args[0], args[1], th16.float(), tw16.float(), args[4]), kw,
+               divergence="jsd")
+    for a, b in zip(got, want):
+        assert rel_error(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_policy_nan_in_a_valid_row_propagates(backend):
+    """Documented policy: inputs are not scanned; a NaN hidden state in a counted row makes the loss NaN."""
+    cast = make_case(n=6, v=19, ignore_every=0)
+    t, args, kw = cast(torch.float32)
+    sh = args[0].detach().clone()
+    sh[2, 0] = float("nan")
+    with torch.no_grad():
+        loss = fused_linear_kd(sh, *args[1:], **kw, backend=backend)
+    assert torch.isnan(loss)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+@hypothesis.given(
+    n=st.integers(1, 19), hs=st.integers(1, 9), ht=st.integers(1, 9), v=st.integers(2, 70), pad=st.integers(0, 5),
+    divergence=st.sampled_from(["forward_kl", "reverse_kl", "jsd"]), beta=st.sampled_from([0.0, 0.3, 1.0]),
+    temperature=st.sampled_from([0.5, 1.0, 3.0]), alpha=st.sampled_from([0.0, 0.4, 1.0]),
+    reduction=st.sampled_from(["mean", "sum", "none"]), softcap=st.sampled_from([None, 2.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_torch_path_equals_reference_fp64(n, hs, ht, v, pad, divergence, beta, temperature, alpha,
+                                                    reduction, softcap, seed):
+    cast = make_case(n=n, hs=hs, ht=ht, v=v, vt=v + pad, bias=True, seed=seed, ignore_every=3)
+    opts = dict(divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, reduction=reduction,
+                softcap=softcap)
+    t, args, kw = cast(torch.float64)
+    want = run(fused_linear_kd_reference, t, args, kw, **opts)
+    t, args, kw = cast(torch.float64)
+    old = _kd_torch.CHUNK_ELEMENTS
+    _kd_torch.CHUNK_ELEMENTS = 1  # several chunks
+    try:
+        got = run(backend_fn("torch"), t, args, kw, **opts)
+    finally:
+        _kd_torch.CHUNK_ELEMENTS = old
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
