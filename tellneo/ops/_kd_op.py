@@ -184,12 +184,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scalars = {k: args[k] for k in _SCALAR_ARGS}
     ctx.present = [args[k] is not None for k in _TENSOR_ARGS]
     ctx.save_for_backward(*[args[k] for k in _TENSOR_ARGS if args[k] is not None], stats, dh, dw, db)
-
-
-def _is_plain_cpu_one(g: Tensor) -> bool:
-    """True for a real (not fake / traced) CPU scalar equal to 1; reading a CPU value is not a device sync."""
-    return (type(g) is torch.Tensor and g.device.type == "cpu" and not torch.compiler.is_compiling()
-            and bool(g == 1.0))
+    ctx.mark_non_differentiable(stats, dh, dw, db)
 
 
 def _backward(ctx, g_loss, g_ce, g_kd, g_stats, g_dh, g_dw, g_db):
@@ -203,13 +198,9 @@ def _backward(ctx, g_loss, g_ce, g_kd, g_stats, g_dh, g_dw, g_db):
         if g_loss is None:
             return (None,) * (len(_TENSOR_ARGS) + len(_SCALAR_ARGS))
         g = g_loss.reshape(())
-        if _is_plain_cpu_one(g):
-            # loss.backward() on CPU: hand the precomputed gradients over as they are instead of allocating a
-            # scaled copy of dW (a second [V, Hs] tensor at the peak). Autograd clones them if the graph is
-            # retained, so a later backward still sees the saved values.
-            grads = [x if n else None for x, n in zip((dh, dw, db), need)]
-        else:
-            grads = [x * g.to(x.dtype) if n else None for x, n in zip((dh, dw, db), need)]
+        # A fresh scaled copy even when g == 1: handing the saved tensors over would alias them with .grad, which
+        # a retained graph's next backward (or in-place grad clipping) would then see modified.
+        grads = [x * g.to(x.dtype) if n else None for x, n in zip((dh, dw, db), need)]
     else:
         alpha, gs = sc["alpha"], t["grad_scale"].reshape(())
         w_ce = g_ce
