@@ -36,8 +36,10 @@ import triton.language as tl
 from tellneo.ops import divergences as D
 from tellneo.ops._kd_args import KDConfig, KDInputs
 
-NEG_INIT = -1.0e30  # running-max start: finite, so exp(m_old - m_new) is 0, never nan
 NUM_PARTS = 9  # partial statistics per split: m_z S_z m_s S_s m_t S_t A B z_label
+# Globals read inside @triton.jit must be constexpr (the interpreter does not enforce it, the compiler does).
+_NEG_INIT = tl.constexpr(-1.0e30)  # running-max start: finite, so exp(m_old - m_new) is 0, never nan
+_NUM_PARTS = tl.constexpr(NUM_PARTS)
 _DIV_CODE = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
@@ -96,12 +98,12 @@ def _kd_stats_kernel(
     row_mask = rows < N
     if HAS_LABELS:
         label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-    m_z = tl.full((BLOCK_N,), NEG_INIT, tl.float32)
+    m_z = tl.full((BLOCK_N,), _NEG_INIT, tl.float32)
     s_z = tl.zeros((BLOCK_N,), tl.float32)
     z_lab = tl.zeros((BLOCK_N,), tl.float32)
-    m_s = tl.full((BLOCK_N,), NEG_INIT, tl.float32)
+    m_s = tl.full((BLOCK_N,), _NEG_INIT, tl.float32)
     s_s = tl.zeros((BLOCK_N,), tl.float32)
-    m_t = tl.full((BLOCK_N,), NEG_INIT, tl.float32)
+    m_t = tl.full((BLOCK_N,), _NEG_INIT, tl.float32)
     s_t = tl.zeros((BLOCK_N,), tl.float32)
     acc_a = tl.zeros((BLOCK_N,), tl.float32)
     acc_b = tl.zeros((BLOCK_N,), tl.float32)
@@ -138,7 +140,10 @@ def _kd_stats_kernel(
                 e_t = tl.exp(t - mt_new[:, None])
                 # centred difference (t - m_t) - (s - m_s); re-centring old terms shifts them by -(dm_t - dm_s)
                 shift = (mt_new - m_t) - (ms_new - m_s)
-                s_fin = z_fin if SAME_T else z_fin * inv_temp
+                if SAME_T:
+                    s_fin = z_fin
+                else:
+                    s_fin = z_fin * inv_temp
                 d = tl.where(col_mask[None, :], (t_fin - mt_new[:, None]) - (s_fin - ms_new[:, None]), 0.0)
                 if DIV == 0:
                     acc_a = alpha_t * (acc_a - shift * s_t) + tl.sum(e_t * d, 1)
@@ -148,7 +153,7 @@ def _kd_stats_kernel(
                 m_t = mt_new
             s_s = s_s * alpha_s + tl.sum(e_s, 1)
             m_s = ms_new
-    base = part_ptr + pid_s * NUM_PARTS * N + rows
+    base = part_ptr + pid_s * _NUM_PARTS * N + rows
     tl.store(base + 0 * N, m_z, mask=row_mask)
     tl.store(base + 1 * N, s_z, mask=row_mask)
     tl.store(base + 2 * N, m_s, mask=row_mask)
@@ -306,8 +311,10 @@ def _num_splits(n_blocks: int, vocab: int, block_v: int, device: torch.device) -
     return max(1, min(tiles, triton.cdiv(4 * sms, n_blocks)))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype) -> str | None:
+    """fp32 operands: exact fp32 products ("ieee", no TF32), so fp32 inputs match the fp32 reference; half
+    types: the default (tensor cores, fp32 accumulation)."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _common(inp: KDInputs, cfg: KDConfig) -> dict:
