@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 from helpers import assert_error_budget, rel_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tellneo.kernels.fused_linear_kd as K
 from tellneo._backend import BackendError
@@ -644,12 +646,8 @@ def test_nan_policy_nan_in_a_valid_row_propagates(backend):
     assert torch.isnan(loss)
 
 
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
-
-
-@hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
-@hypothesis.given(
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
     n=st.integers(1, 19), hs=st.integers(1, 9), ht=st.integers(1, 9), v=st.integers(2, 70), pad=st.integers(0, 5),
     divergence=st.sampled_from(["forward_kl", "reverse_kl", "jsd"]), beta=st.sampled_from([0.0, 0.3, 1.0]),
     temperature=st.sampled_from([0.5, 1.0, 3.0]), alpha=st.sampled_from([0.0, 0.4, 1.0]),
