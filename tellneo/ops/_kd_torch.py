@@ -4,9 +4,9 @@ Rows are processed in chunks of ``chunk_rows`` tokens: each chunk materialises i
 teacher logits, evaluates CE and the divergence with :mod:`tellneo.ops.divergences`, and, when gradients are
 wanted, turns the closed-form ``d loss / d logits`` straight into ``d hidden`` (``[chunk, Hs]``) and accumulates
 ``d weight`` in fp32. Nothing ``[N, V]`` ever exists: the chunk's slabs live in a workspace allocated once per
-call and reused by every chunk (6 ``[chunk, V]`` fp32 slabs, 9 with a temperature, ``chunk * V`` about :data:`CHUNK_ELEMENTS`),
-plus the fp32 ``dW`` accumulator; elementwise work is done in place, because fresh multi-MB temporaries per
-chunk cost more in page faults than the arithmetic.
+call and reused by every chunk (6 ``[chunk, V]`` fp32 slabs, 9 with a temperature, ``chunk * V`` about
+:data:`CHUNK_ELEMENTS`), plus the fp32 ``dW`` accumulator; elementwise work is done in place, because fresh
+multi-MB temporaries per chunk cost more in page faults than the arithmetic.
 
 Two modes (the custom op in :mod:`tellneo.ops._kd_op` picks one):
 
