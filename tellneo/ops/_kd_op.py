@@ -198,9 +198,13 @@ def _backward(ctx, g_loss, g_ce, g_kd, g_stats, g_dh, g_dw, g_db):
         if g_loss is None:
             return (None,) * (len(_TENSOR_ARGS) + len(_SCALAR_ARGS))
         g = g_loss.reshape(())
-        # A fresh scaled copy even when g == 1: handing the saved tensors over would alias them with .grad, which
-        # a retained graph's next backward (or in-place grad clipping) would then see modified.
-        grads = [x * g.to(x.dtype) if n else None for x, n in zip((dh, dw, db), need)]
+        # Eager: scale the saved gradients in place instead of allocating a second [V, Hs] dW; the in-place update
+        # bumps their version counters, so a second backward through a retained graph fails with autograd's
+        # "modified by an inplace operation" error instead of silently using scaled values. Traced (AOT /
+        # torch.compile, where saved tensors are functional wrappers): out of place.
+        eager = type(dw if need[1] else dh if need[0] else db) is torch.Tensor and not torch.compiler.is_compiling()
+        grads = [(x.mul_(g.to(x.dtype)) if eager else x * g.to(x.dtype)) if n else None
+                 for x, n in zip((dh, dw, db), need)]
     else:
         alpha, gs = sc["alpha"], t["grad_scale"].reshape(())
         w_ce = g_ce

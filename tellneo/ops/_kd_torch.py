@@ -4,15 +4,16 @@ Rows are processed in chunks of ``chunk_rows`` tokens: each chunk materialises i
 teacher logits, evaluates CE and the divergence with :mod:`tellneo.ops.divergences`, and, when gradients are
 wanted, turns the closed-form ``d loss / d logits`` straight into ``d hidden`` (``[chunk, Hs]``) and accumulates
 ``d weight`` in fp32. Nothing ``[N, V]`` ever exists: the chunk's slabs live in a workspace allocated once per
-call and reused by every chunk (6 ``[chunk, V]`` fp32 slabs, 9 with a temperature, ``chunk * V`` about
-:data:`CHUNK_ELEMENTS`), plus the fp32 ``dW`` accumulator; elementwise work is done in place, because fresh
-multi-MB temporaries per chunk cost more in page faults than the arithmetic.
+call and reused by every chunk (5 ``[chunk, V]`` fp32 slabs, up to 9 with temperature and softcap; ``chunk * V``
+about :data:`CHUNK_ELEMENTS`), plus the fp32 ``dW`` accumulator; elementwise work is done in place, because
+fresh multi-MB temporaries per chunk cost more in page faults than the arithmetic.
 
 Two modes (the custom op in :mod:`tellneo.ops._kd_op` picks one):
 
 * fused (scalar reductions): gradients are computed in the forward, while the logits are at hand, for the loss
-  ``grad_scale * sum_i valid_i [(1 - alpha) CE_i + alpha KD_i]``; the backward only scales them by the incoming
-  scalar gradient. Costs one student and one teacher matmul fewer than recomputing.
+  ``grad_scale * sum_i valid_i [(1 - alpha) CE_i + alpha KD_i]``; the backward only scales them, in place, by the
+  incoming scalar gradient. Costs one student and one teacher matmul fewer than recomputing; a second backward
+  through the same (retained) graph raises autograd's in-place-modification error.
 * recompute (``reduction="none"`` or gradients of per-row outputs): the forward keeps O(N) statistics and the
   backward recomputes each chunk's logits with per-row weights.
 """
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from tellneo.ops._kd_args import KDConfig, KDInputs
 from tellneo.ops.divergences import compute_dtype, kd_per_token_and_grad, topk_kd_per_token_and_grad
 
-# Elements of one [chunk, V] workspace slab: 16 Mi (64 MiB in fp32); a call uses 6 slabs (up to 9 with T != 1).
+# Elements of one [chunk, V] workspace slab: 16 Mi (64 MiB in fp32); a call uses 5 slabs (up to 9 with T != 1
+# and softcap).
 # Large chunks mean few parallel regions: on a shared 2-core machine 4 Mi-element chunks ran ~30% slower under
 # load than 16 Mi ones, at equal speed when idle.
 CHUNK_ELEMENTS = 1 << 24
@@ -90,11 +92,10 @@ def _logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.T
 
 def _log_softmax_into(x: torch.Tensor, log_out: torch.Tensor, prob_out: torch.Tensor) -> torch.Tensor:
     """``log_out = log_softmax(x)``, ``prob_out = softmax(x)`` row-wise (ATen's fused kernel); returns
-    ``logsumexp(x)`` ``[rows]``, read at each row's maximum, where ``log_out`` is near 0 and exact."""
+    ``logsumexp(x) = max(x) - max(log_out)``, read at each row's maximum, where ``log_out`` is near 0 and exact."""
     torch.ops.aten._log_softmax.out(x, -1, False, out=log_out)
     torch.exp(log_out, out=prob_out)
-    idx = x.argmax(-1, keepdim=True)
-    return (x.gather(-1, idx) - log_out.gather(-1, idx)).squeeze(-1)
+    return x.amax(-1) - log_out.amax(-1)
 
 
 def _chunk(
@@ -141,8 +142,9 @@ def _chunk(
         stats[:, 1] = lse_s
         wk = torch.where(valid, w_kd, 0.0).to(cdt) * (cfg.kd_scale / T) if kd_grad else None
         if inp.teacher_weight is not None:
-            t = _logits_into(ws("t", rows), inp.teacher_hidden[r0:r1], inp.teacher_weight, inp.teacher_bias,
-                             cfg, 1.0 / T)
+            # z is dead once its log-softmax is taken, unless softcap's gradient factor needs it at the end
+            t_slab = ws("t", rows) if cfg.softcap is not None else z
+            t = _logits_into(t_slab, inp.teacher_hidden[r0:r1], inp.teacher_weight, inp.teacher_bias, cfg, 1.0 / T)
             log_p, p = ws("log_p", rows), ws("p", rows)
             stats[:, 2] = _log_softmax_into(t, log_p, p)
             value, grad, aux = kd_per_token_and_grad(
@@ -184,8 +186,10 @@ class _GradAccumulator:
         acc = torch.float64 if sw.dtype == torch.float64 else torch.float32
         self.inp = inp
         self.dh = torch.empty_like(sh) if need_dh else None
-        self.dw = torch.zeros(sw.shape, dtype=acc, device=sw.device) if need_dw else None
-        self.db = torch.zeros(sw.shape[0], dtype=acc, device=sw.device) if need_db else None
+        # empty, not zeros: the first chunk writes dW / db with out=, later chunks accumulate
+        self.dw = torch.empty(sw.shape, dtype=acc, device=sw.device) if need_dw else None
+        self.db = torch.empty(sw.shape[0], dtype=acc, device=sw.device) if need_db else None
+        self.started = False
 
     def add(self, r0: int, r1: int, dz: torch.Tensor) -> None:
         h, w = self.inp.student_hidden[r0:r1], self.inp.student_weight
@@ -193,11 +197,22 @@ class _GradAccumulator:
             # matmul in the weight's dtype (a [V, Hs] upcast would cost more than the whole chunk), fp32 accumulate
             torch.matmul(dz.to(w.dtype), w, out=self.dh[r0:r1])
         if self.dw is not None:
-            self.dw.addmm_(dz.t(), h.to(self.dw.dtype))
+            if self.started:
+                self.dw.addmm_(dz.t(), h.to(self.dw.dtype))
+            else:
+                torch.mm(dz.t(), h.to(self.dw.dtype), out=self.dw)
         if self.db is not None:
-            self.db.add_(dz.sum(0))
+            if self.started:
+                self.db.add_(dz.sum(0))
+            else:
+                torch.sum(dz, 0, out=self.db)
+        self.started = True
 
     def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if not self.started:  # no rows at all
+            for t in (self.dw, self.db):
+                if t is not None:
+                    t.zero_()
         dt = self.inp.student_weight.dtype
         dw = self.dw.to(dt) if self.dw is not None else None
         db = self.db.to(dt) if self.db is not None else None

@@ -727,3 +727,20 @@ def test_kernels_compile_for_sm90_bf16():
         pytest.skip("this triton install has no ptxas")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("shared") == 3, proc.stdout
+
+
+def test_torch_fused_mode_second_backward_raises_instead_of_wrong_grads():
+    """mean/sum on the torch backend scale their precomputed gradients in place: a second backward through a
+    retained graph must fail loudly; reduction='none' (recompute mode) supports it."""
+    cast = make_case(n=7, v=19)
+    t, args, kw = cast(torch.float32)
+    loss = fused_linear_kd(*args, **kw, backend="torch")
+    (g1,) = torch.autograd.grad(3.0 * loss, t["sw"], retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        torch.autograd.grad(loss, t["sw"])
+    per_tok = fused_linear_kd(*args, **kw, reduction="none", backend="torch")
+    valid = (args[4] != -100).sum()
+    (a,) = torch.autograd.grad(per_tok.sum() / valid, t["sw"], retain_graph=True)
+    (b,) = torch.autograd.grad(per_tok.sum() / valid, t["sw"])
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(3.0 * a, g1)
