@@ -36,8 +36,10 @@ import triton.language as tl
 from tellneo.ops import divergences as D
 from tellneo.ops._kd_args import KDConfig, KDInputs
 
-NEG_INIT = -1.0e30  # running-max start: finite, so exp(m_old - m_new) is 0, never nan
 NUM_PARTS = 9  # partial statistics per split: m_z S_z m_s S_s m_t S_t A B z_label
+# Globals read inside @triton.jit must be constexpr (the interpreter does not enforce it, the compiler does).
+_NEG_INIT = tl.constexpr(-1.0e30)  # running-max start: finite, so exp(m_old - m_new) is 0, never nan
+_NUM_PARTS = tl.constexpr(NUM_PARTS)
 _DIV_CODE = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
@@ -64,11 +66,13 @@ def _logits_tile(
 ):
     """transform(x[rows] @ w[cols]^T + b[cols]) as a [BLOCK_N, BLOCK_V] fp32 tile (masked entries finite)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # int64: V * H can exceed 2**31
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < H
-        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
         acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -94,12 +98,12 @@ def _kd_stats_kernel(
     row_mask = rows < N
     if HAS_LABELS:
         label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-    m_z = tl.full((BLOCK_N,), NEG_INIT, tl.float32)
+    m_z = tl.full((BLOCK_N,), _NEG_INIT, tl.float32)
     s_z = tl.zeros((BLOCK_N,), tl.float32)
     z_lab = tl.zeros((BLOCK_N,), tl.float32)
-    m_s = tl.full((BLOCK_N,), NEG_INIT, tl.float32)
+    m_s = tl.full((BLOCK_N,), _NEG_INIT, tl.float32)
     s_s = tl.zeros((BLOCK_N,), tl.float32)
-    m_t = tl.full((BLOCK_N,), NEG_INIT, tl.float32)
+    m_t = tl.full((BLOCK_N,), _NEG_INIT, tl.float32)
     s_t = tl.zeros((BLOCK_N,), tl.float32)
     acc_a = tl.zeros((BLOCK_N,), tl.float32)
     acc_b = tl.zeros((BLOCK_N,), tl.float32)
@@ -136,7 +140,10 @@ def _kd_stats_kernel(
                 e_t = tl.exp(t - mt_new[:, None])
                 # centred difference (t - m_t) - (s - m_s); re-centring old terms shifts them by -(dm_t - dm_s)
                 shift = (mt_new - m_t) - (ms_new - m_s)
-                s_fin = z_fin if SAME_T else z_fin * inv_temp
+                if SAME_T:
+                    s_fin = z_fin
+                else:
+                    s_fin = z_fin * inv_temp
                 d = tl.where(col_mask[None, :], (t_fin - mt_new[:, None]) - (s_fin - ms_new[:, None]), 0.0)
                 if DIV == 0:
                     acc_a = alpha_t * (acc_a - shift * s_t) + tl.sum(e_t * d, 1)
@@ -146,7 +153,7 @@ def _kd_stats_kernel(
                 m_t = mt_new
             s_s = s_s * alpha_s + tl.sum(e_s, 1)
             m_s = ms_new
-    base = part_ptr + pid_s * NUM_PARTS * N + rows
+    base = part_ptr + pid_s * _NUM_PARTS * N + rows
     tl.store(base + 0 * N, m_z, mask=row_mask)
     tl.store(base + 1 * N, s_z, mask=row_mask)
     tl.store(base + 2 * N, m_s, mask=row_mask)
@@ -265,19 +272,19 @@ def _kd_bwd_kernel(
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, 0), mask=col_mask)
     dz_in = dz.to(sw_ptr.dtype.element_ty)
+    rows64 = rows.to(tl.int64)[:, None]
+    cols64 = cols.to(tl.int64)[:, None]
     for k0 in range(0, HS, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < HS
         if NEED_DH:
-            w = tl.load(sw_ptr + cols[:, None] * stride_sw + ks[None, :], mask=col_mask[:, None] & kmask[None, :],
-                        other=0.0)
+            w = tl.load(sw_ptr + cols64 * stride_sw + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
             part = _dot(dz_in, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), PRECISION_S, UPCAST)
-            tl.atomic_add(dh_ptr + rows[:, None] * HS + ks[None, :], part, mask=row_mask[:, None] & kmask[None, :])
+            tl.atomic_add(dh_ptr + rows64 * HS + ks[None, :], part, mask=row_mask[:, None] & kmask[None, :])
         if NEED_DW:
-            h = tl.load(sh_ptr + rows[:, None] * stride_sh + ks[None, :], mask=row_mask[:, None] & kmask[None, :],
-                        other=0.0)
+            h = tl.load(sh_ptr + rows64 * stride_sh + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
             part = _dot(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), PRECISION_S, UPCAST)
-            tl.atomic_add(dw_ptr + cols[:, None] * HS + ks[None, :], part, mask=col_mask[:, None] & kmask[None, :])
+            tl.atomic_add(dw_ptr + cols64 * HS + ks[None, :], part, mask=col_mask[:, None] & kmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
@@ -304,8 +311,10 @@ def _num_splits(n_blocks: int, vocab: int, block_v: int, device: torch.device) -
     return max(1, min(tiles, triton.cdiv(4 * sms, n_blocks)))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype) -> str | None:
+    """fp32 operands: exact fp32 products ("ieee", no TF32), so fp32 inputs match the fp32 reference; half
+    types: the default (tensor cores, fp32 accumulation)."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _common(inp: KDInputs, cfg: KDConfig) -> dict:

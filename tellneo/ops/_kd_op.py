@@ -184,6 +184,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scalars = {k: args[k] for k in _SCALAR_ARGS}
     ctx.present = [args[k] is not None for k in _TENSOR_ARGS]
     ctx.save_for_backward(*[args[k] for k in _TENSOR_ARGS if args[k] is not None], stats, dh, dw, db)
+    ctx.mark_non_differentiable(stats, dh, dw, db)
+    # no zeros_like() for the unused outputs' gradients: for dw that would be a transient [V, Hs] tensor
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_loss, g_ce, g_kd, g_stats, g_dh, g_dw, g_db):
@@ -197,7 +200,15 @@ def _backward(ctx, g_loss, g_ce, g_kd, g_stats, g_dh, g_dw, g_db):
         if g_loss is None:
             return (None,) * (len(_TENSOR_ARGS) + len(_SCALAR_ARGS))
         g = g_loss.reshape(())
-        grads = [x * g.to(x.dtype) if n else None for x, n in zip((dh, dw, db), need)]
+        # Eager: scale the saved gradients in place instead of allocating a second [V, Hs] dW; the in-place update
+        # bumps their version counters, so a second backward through a retained graph fails with autograd's
+        # "modified by an inplace operation" error instead of silently using scaled values. Traced (AOT /
+        # torch.compile, where saved tensors are functional wrappers): out of place.
+        eager = type(dw if need[1] else dh if need[0] else db) is torch.Tensor and not torch.compiler.is_compiling()
+        # .detach(): a new handle on the same storage (and version counter) that autograd's AccumulateGrad can adopt
+        # as .grad without cloning, which it would do for the saved tensor itself (still referenced by the graph).
+        grads = [(x.mul_(g.to(x.dtype)).detach() if eager else x * g.to(x.dtype)) if n else None
+                 for x, n in zip((dh, dw, db), need)]
     else:
         alpha, gs = sc["alpha"], t["grad_scale"].reshape(())
         w_ce = g_ce

@@ -3,14 +3,17 @@
 Rows are processed in chunks of ``chunk_rows`` tokens: each chunk materialises its own ``[chunk, V]`` student and
 teacher logits, evaluates CE and the divergence with :mod:`tellneo.ops.divergences`, and, when gradients are
 wanted, turns the closed-form ``d loss / d logits`` straight into ``d hidden`` (``[chunk, Hs]``) and accumulates
-``d weight`` in fp32. Nothing ``[N, V]`` ever exists; peak extra memory is a handful of ``[chunk, V]`` fp32
-temporaries plus the fp32 ``dW`` accumulator.
+``d weight`` in fp32. Nothing ``[N, V]`` ever exists: the chunk's slabs live in a workspace allocated once per
+call and reused by every chunk (5 ``[chunk, V]`` fp32 slabs, up to 9 with temperature and softcap; ``chunk * V``
+about :data:`CHUNK_ELEMENTS`), plus the fp32 ``dW`` accumulator; elementwise work is done in place, because
+fresh multi-MB temporaries per chunk cost more in page faults than the arithmetic.
 
 Two modes (the custom op in :mod:`tellneo.ops._kd_op` picks one):
 
 * fused (scalar reductions): gradients are computed in the forward, while the logits are at hand, for the loss
-  ``grad_scale * sum_i valid_i [(1 - alpha) CE_i + alpha KD_i]``; the backward only scales them by the incoming
-  scalar gradient. Costs one student and one teacher matmul fewer than recomputing.
+  ``grad_scale * sum_i valid_i [(1 - alpha) CE_i + alpha KD_i]``; the backward only scales them, in place, by the
+  incoming scalar gradient. Costs one student and one teacher matmul fewer than recomputing; a second backward
+  through the same (retained) graph raises autograd's in-place-modification error.
 * recompute (``reduction="none"`` or gradients of per-row outputs): the forward keeps O(N) statistics and the
   backward recomputes each chunk's logits with per-row weights.
 """
@@ -23,8 +26,11 @@ import torch.nn.functional as F
 from tellneo.ops._kd_args import KDConfig, KDInputs
 from tellneo.ops.divergences import compute_dtype, kd_per_token_and_grad, topk_kd_per_token_and_grad
 
-# Elements of one [chunk, V] fp32 temporary: 4 Mi elements = 16 MiB; the chunk path keeps ~5 of them alive.
-CHUNK_ELEMENTS = 1 << 22
+# Elements of one [chunk, V] workspace slab: 16 Mi (64 MiB in fp32); a call uses 5 slabs (up to 9 with T != 1
+# and softcap).
+# Large chunks mean few parallel regions: on a shared 2-core machine 4 Mi-element chunks ran ~30% slower under
+# load than 16 Mi ones, at equal speed when idle.
+CHUNK_ELEMENTS = 1 << 24
 NUM_STATS = 4  # per-row statistics: lse_z (CE logits), lse_s (tempered student), lse_t (tempered teacher), aux
 
 
@@ -84,13 +90,12 @@ def _logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.T
     return out
 
 
-def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = softmax(x)`` row-wise; returns ``logsumexp(x)`` ``[rows]``."""
-    m = x.amax(-1, keepdim=True)
-    torch.sub(x, m, out=out).exp_()
-    total = out.sum(-1, keepdim=True)
-    out.div_(total)
-    return (m + total.log()).squeeze(-1)
+def _log_softmax_into(x: torch.Tensor, log_out: torch.Tensor, prob_out: torch.Tensor) -> torch.Tensor:
+    """``log_out = log_softmax(x)``, ``prob_out = softmax(x)`` row-wise (ATen's fused kernel); returns
+    ``logsumexp(x) = max(x) - max(log_out)``, read at each row's maximum, where ``log_out`` is near 0 and exact."""
+    torch.ops.aten._log_softmax.out(x, -1, False, out=log_out)
+    torch.exp(log_out, out=prob_out)
+    return x.amax(-1) - log_out.amax(-1)
 
 
 def _chunk(
@@ -119,49 +124,44 @@ def _chunk(
     dz = None
 
     z = _logits_into(ws("z", rows), h, inp.student_weight, inp.student_bias, cfg)
-    probs_z = None
+    probs_z = log_z = None
     if labels is not None:
-        probs_z = ws("probs_z", rows)
-        lse_z = _softmax_into(z, probs_z)
+        log_z, probs_z = ws("log_q", rows), ws("q", rows)
+        stats[:, 0] = _log_softmax_into(z, log_z, probs_z)
         safe = torch.where(valid, labels, 0)
-        ce = torch.where(valid, lse_z - z.gather(1, safe[:, None]).squeeze(1), 0.0)
-        stats[:, 0] = lse_z
+        ce = torch.where(valid, -log_z.gather(1, safe[:, None]).squeeze(1), 0.0)
 
     if inp.has_teacher:
         kd_grad = want_grad and w_kd is not None
-        log_q = ws("log_q", rows)
-        if T == 1.0 and probs_z is not None:
-            q, lse_s = probs_z, stats[:, 0]  # same distribution: reuse
-            torch.sub(z, lse_s[:, None], out=log_q)
+        if T == 1.0 and probs_z is not None:  # same distribution as CE's: reuse (log_q is consumed below)
+            log_q, q, lse_s = log_z, probs_z, stats[:, 0]
         else:
-            torch.mul(z, 1.0 / T, out=log_q)
-            q = ws("q", rows)
-            lse_s = _softmax_into(log_q, q)
-            log_q.sub_(lse_s[:, None])
+            s = torch.mul(z, 1.0 / T, out=ws("s", rows)) if T != 1.0 else z
+            log_q, q = ws("log_q_kd", rows), ws("q_kd", rows)
+            lse_s = _log_softmax_into(s, log_q, q)
         stats[:, 1] = lse_s
         wk = torch.where(valid, w_kd, 0.0).to(cdt) * (cfg.kd_scale / T) if kd_grad else None
         if inp.teacher_weight is not None:
-            log_p = _logits_into(ws("log_p", rows), inp.teacher_hidden[r0:r1], inp.teacher_weight,
-                                 inp.teacher_bias, cfg, 1.0 / T)
-            p = ws("p", rows)
-            lse_t = _softmax_into(log_p, p)
-            log_p.sub_(lse_t[:, None])
-            stats[:, 2] = lse_t
+            # z is dead once its log-softmax is taken, unless softcap's gradient factor needs it at the end
+            t_slab = ws("t", rows) if cfg.softcap is not None else z
+            t = _logits_into(t_slab, inp.teacher_hidden[r0:r1], inp.teacher_weight, inp.teacher_bias, cfg, 1.0 / T)
+            log_p, p = ws("log_p", rows), ws("p", rows)
+            stats[:, 2] = _log_softmax_into(t, log_p, p)
             value, grad, aux = kd_per_token_and_grad(
-                log_q, log_p, cfg.divergence, cfg.beta, q=q, p=p, scratch=ws("scratch", rows),
+                log_q, log_p, cfg.divergence, cfg.beta, q=q, p=p, scratch=t, grad_weight=wk,
                 need_grad=kd_grad, overwrite=True,
             )
             stats[:, 3] = aux
         else:
-            s_ids = log_q.gather(1, inp.topk_ids[r0:r1]) + lse_s[:, None]
+            ids = inp.topk_ids[r0:r1]
+            s_ids = log_q.gather(1, ids) + lse_s[:, None]
             lps = inp.topk_logprobs[r0:r1].to(cdt)
             value, g_ids, g_lse = topk_kd_per_token_and_grad(s_ids, lse_s, lps, cfg.divergence, cfg.beta)
             grad = None
             if kd_grad:  # dD/ds_j = dD/dlse * q_j + [j in ids] dD/ds_ids
-                grad = torch.mul(q, g_lse[:, None], out=log_q)
-                grad.scatter_add_(1, inp.topk_ids[r0:r1], g_ids)
-        if kd_grad:
-            dz = grad.mul_(wk[:, None])
+                grad = torch.mul(q, (g_lse * wk)[:, None], out=log_q)
+                grad.scatter_add_(1, ids, g_ids * wk[:, None])
+        dz = grad
         kd = torch.where(valid, value * cfg.kd_scale, 0.0)
 
     if want_grad:
@@ -170,7 +170,7 @@ def _chunk(
             dz = probs_z.mul_(wc[:, None]) if dz is None else dz.addcmul_(probs_z, wc[:, None])
             dz.scatter_add_(1, safe[:, None], -wc[:, None])
         if dz is None:
-            dz = ws("log_q", rows).zero_()
+            dz = ws("q", rows).zero_()
         if cfg.softcap is not None:  # d transform / dz = logit_scale (1 - (y / c)^2), y = transformed logits
             dz.mul_(z.div_(cfg.softcap).square_().neg_().add_(1.0).mul_(cfg.logit_scale))
         elif cfg.logit_scale != 1.0:
@@ -186,8 +186,10 @@ class _GradAccumulator:
         acc = torch.float64 if sw.dtype == torch.float64 else torch.float32
         self.inp = inp
         self.dh = torch.empty_like(sh) if need_dh else None
-        self.dw = torch.zeros(sw.shape, dtype=acc, device=sw.device) if need_dw else None
-        self.db = torch.zeros(sw.shape[0], dtype=acc, device=sw.device) if need_db else None
+        # empty, not zeros: the first chunk writes dW / db with out=, later chunks accumulate
+        self.dw = torch.empty(sw.shape, dtype=acc, device=sw.device) if need_dw else None
+        self.db = torch.empty(sw.shape[0], dtype=acc, device=sw.device) if need_db else None
+        self.started = False
 
     def add(self, r0: int, r1: int, dz: torch.Tensor) -> None:
         h, w = self.inp.student_hidden[r0:r1], self.inp.student_weight
@@ -195,11 +197,22 @@ class _GradAccumulator:
             # matmul in the weight's dtype (a [V, Hs] upcast would cost more than the whole chunk), fp32 accumulate
             torch.matmul(dz.to(w.dtype), w, out=self.dh[r0:r1])
         if self.dw is not None:
-            self.dw.addmm_(dz.t(), h.to(self.dw.dtype))
+            if self.started:
+                self.dw.addmm_(dz.t(), h.to(self.dw.dtype))
+            else:
+                torch.mm(dz.t(), h.to(self.dw.dtype), out=self.dw)
         if self.db is not None:
-            self.db.add_(dz.sum(0))
+            if self.started:
+                self.db.add_(dz.sum(0))
+            else:
+                torch.sum(dz, 0, out=self.db)
+        self.started = True
 
     def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if not self.started:  # no rows at all
+            for t in (self.dw, self.db):
+                if t is not None:
+                    t.zero_()
         dt = self.inp.student_weight.dtype
         dw = self.dw.to(dt) if self.dw is not None else None
         db = self.db.to(dt) if self.db is not None else None

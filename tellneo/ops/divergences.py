@@ -117,22 +117,24 @@ def kd_per_token_and_grad(
     q: torch.Tensor | None = None,
     p: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
+    grad_weight: torch.Tensor | None = None,
     need_grad: bool = True,
     overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(D [...], dD/ds [..., V] or None, aux [...])`` in closed form, without autograd.
 
     ``D`` is :func:`kd_per_token`; the gradient is with respect to the student's tempered logits ``s`` (where
-    ``log_q = log_softmax(s)``); ``aux`` is the per-row statistic the gradient formula needs (``D`` for reverse
-    KL, ``KL(q || m)`` for JSD, 0 for forward KL), which the Triton backward reads back from the forward.
+    ``log_q = log_softmax(s)``), multiplied row-wise by ``grad_weight`` when given; ``aux`` is the per-row
+    statistic the gradient formula needs (``D`` for reverse KL, ``KL(q || m)`` for JSD, 0 for forward KL), which
+    the Triton backward reads back from the forward.
 
     For speed on big ``[chunk, V]`` slabs the caller may pass the probabilities ``q = exp(log_q)`` /
     ``p = exp(log_p)`` it already has, a ``scratch`` buffer of the same shape, and ``overwrite=True``, which lets
     this function reuse ``log_q``, ``log_p``, ``p`` and ``scratch`` as work space (their contents are destroyed;
     the returned gradient aliases one of them). ``q`` is never modified. For JSD the mixture is formed in
-    probability space, ``log m = log(beta p + (1 - beta) q)`` (clamped at the smallest normal so that entries
-    where both probabilities underflow contribute exactly 0); the definition uses ``logaddexp`` and the tests
-    hold the two together.
+    probability space, ``log m = log(1 - beta) + log(q + beta / (1 - beta) p)`` (clamped at the smallest normal so
+    entries where both probabilities underflow contribute exactly 0; the constant is folded using
+    ``sum p = sum q = 1``); the definition uses ``logaddexp`` and the tests hold the two together.
     """
     kind = canonical_divergence(divergence, beta)
     if q is None:
@@ -141,30 +143,42 @@ def kd_per_token_and_grad(
         log_q, log_p = log_q.clone(), log_p.clone()
         p = None if p is None else p.clone()
         scratch = None
+    w = None if grad_weight is None else grad_weight.unsqueeze(-1)
     zeros = torch.zeros(log_q.shape[:-1], dtype=log_q.dtype, device=log_q.device)
     if kind == "forward_kl":
         if p is None:
             p = log_p.exp()
         value = _rowdot(p, log_p.sub_(log_q), scratch)
-        grad = p.neg_().add_(q) if need_grad else None  # q - p
+        grad = None
+        if need_grad:  # q - p
+            grad = torch.sub(q, p, out=p)
+            if w is not None:
+                grad.mul_(w)
         return value, grad, zeros
     if kind == "reverse_kl":
         diff = log_q.sub_(log_p)
         value = _rowdot(q, diff, scratch)
-        grad = diff.sub_(value.unsqueeze(-1)).mul_(q) if need_grad else None  # q (log q - log p - D)
+        grad = None
+        if need_grad:  # q (log q - log p - D)
+            grad = diff.sub_(value.unsqueeze(-1)).mul_(q)
+            if w is not None:
+                grad.mul_(w)
         return value, grad, value
     if p is None:
         p = log_p.exp()
+    shift = math.log1p(-beta)  # log m = shift + log_mix
     tiny = torch.finfo(q.dtype).tiny
-    log_m = torch.mul(p, beta, out=scratch) if scratch is not None else p * beta
-    log_m.add_(q, alpha=1.0 - beta).clamp_min_(tiny).log_()
-    kl_pm = _rowdot(p, log_p.sub_(log_m), None if scratch is None else p)
-    g = log_q.sub_(log_m)  # log q - log m
-    kl_qm = _rowdot(q, g, scratch)
+    log_mix = torch.add(q, p, alpha=beta / (1.0 - beta), out=scratch) if scratch is not None else q + p * (
+        beta / (1.0 - beta))
+    log_mix.clamp_min_(tiny).log_()
+    kl_pm = _rowdot(p, log_p.sub_(log_mix), None if scratch is None else p) - shift
+    g = log_q.sub_(log_mix)  # log q - log m + shift
+    kl_qm = _rowdot(q, g, scratch) - shift
     value = beta * kl_pm + (1.0 - beta) * kl_qm
     grad = None
-    if need_grad:  # (1 - beta) q (log q - log m - KL(q || m))
-        grad = g.sub_(kl_qm.unsqueeze(-1)).mul_(q).mul_(1.0 - beta)
+    if need_grad:  # (1 - beta) q (log q - log m - KL(q || m)); the shifts cancel
+        grad = g.sub_((kl_qm + shift).unsqueeze(-1)).mul_(q)
+        grad.mul_((1.0 - beta) if w is None else w * (1.0 - beta))
     return value, grad, kl_qm
 
 

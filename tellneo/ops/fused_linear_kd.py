@@ -266,7 +266,9 @@ def fused_linear_kd(
     ``TRITON_INTERPRET=1``): vocab-tiled kernels, online fp32 logsumexp, the backward recomputes the logit tiles
     from O(N) per-row statistics and accumulates ``dW`` in fp32. ``"torch"``: token chunks of ``[chunk, V]``
     logits; for ``mean``/``sum`` it computes the gradients during the forward (one pass over the logits instead of
-    two) and keeps them until the backward. ``"auto"``: triton for CUDA tensors, torch for CPU tensors.
+    two) and keeps them until the backward, which scales them in place (so backpropagating twice through one call
+    with ``retain_graph=True`` raises; use ``reduction="none"`` for that). ``"auto"``: triton for CUDA tensors,
+    torch for CPU tensors.
 
     Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias`` when they require grad (``dW``
     and ``db`` accumulated in fp32, returned in the weight's dtype); teacher inputs get none. The custom ops
