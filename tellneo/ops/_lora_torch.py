@@ -37,6 +37,14 @@ def keep_mask(rows: int, cols: int, dropout_p: float, seed: int, device: torch.d
     return bits.view(torch.int32)[:n].view(rows, cols) >= keep_threshold(dropout_p)
 
 
+def keep_float(
+    rows: int, cols: int, dropout_p: float, seed: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`keep_mask` as 0/1 in ``dtype``: float multiplies are several times faster on CPU than ``where`` /
+    ``masked_fill`` with a bool mask, and the converted mask serves both backward uses."""
+    return keep_mask(rows, cols, dropout_p, seed, device).to(dtype)
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -47,11 +55,12 @@ def forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, xa)`` for 2-D ``x [N, in]``: ``xa = drop(x) Aᵀ`` (dropout rescale included), ``y = x Wᵀ + b + s·xa Bᵀ``."""
+    """``(y, xa)`` for 2-D ``x [N, in]``: ``xa = drop(x) Aᵀ`` (dropout rescale included) and
+    ``y = x Wᵀ + b + s·xa Bᵀ``."""
     if dropout_p > 0.0:
-        keep = keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
-        xa = torch.where(keep, x, 0).matmul(lora_A.t())
-        del keep
+        kept_x = keep_float(x.shape[0], x.shape[1], dropout_p, seed, x.device, x.dtype).mul_(x)
+        xa = kept_x.matmul(lora_A.t())
+        del kept_x
         xa.mul_(1.0 / (1.0 - dropout_p))
     else:
         xa = x.matmul(lora_A.t())
@@ -78,7 +87,7 @@ def backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """``(dx, dW, db, dA, dB)`` (``None`` where not needed) for ``dy [N, out]``.
 
-    With ``g = s/(1-p) · dy B`` (rank r, computed once and reused):
+    With ``g = s/(1-p) · dy B`` (rank r, computed once and reused) and ``m`` the regenerated keep-mask:
     ``dB = s · dyᵀ xa``, ``dA = gᵀ (m⊙x)``, ``dx = dy W + m ⊙ (g A)``, ``dW = dyᵀ x``, ``db = Σ dy``.
     """
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
@@ -87,15 +96,17 @@ def backward(
         db_lora = dy.t().matmul(xa).mul_(scaling)
     if need_dx or need_da:
         g = dy.matmul(lora_B).mul_(scaling * keep_scale)  # [N, r]
-        keep = keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device) if dropout_p > 0.0 else None
-        if need_da:
-            da = g.t().matmul(x if keep is None else torch.where(keep, x, 0))
+        keep = None
+        if dropout_p > 0.0:
+            keep = keep_float(x.shape[0], x.shape[1], dropout_p, seed, x.device, x.dtype)
         if need_dx:
             dx = dy.matmul(weight)
             if keep is None:
                 dx.addmm_(g, lora_A)
             else:
-                dx.add_(g.matmul(lora_A).masked_fill_(keep.logical_not_(), 0))
+                dx.addcmul_(g.matmul(lora_A), keep)
+        if need_da:
+            da = g.t().matmul(x if keep is None else keep.mul_(x))  # last use of keep: overwrite in place
     if need_dw:
         dw = dy.t().matmul(x)
     if need_db:

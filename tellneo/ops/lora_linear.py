@@ -1,4 +1,4 @@
-"""Fused LoRA linear: ``y = x Wᵀ (+ b) + s · dropout_p(x) Aᵀ Bᵀ`` with the dropout mask regenerated in the backward.
+"""Fused LoRA linear: ``y = x Wᵀ (+ b) + s · dropout_p(x) Aᵀ Bᵀ``, the dropout mask regenerated in the backward.
 
 Public functions:
 
@@ -95,7 +95,9 @@ def _check_args(
     out_f, in_f = weight.shape
     r = lora_A.shape[0]
     if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(f"lora_linear: x {tuple(x.shape)} must end in in_features={in_f} (weight {tuple(weight.shape)})")
+        raise ValueError(
+            f"lora_linear: x {tuple(x.shape)} must end in in_features={in_f} (weight {tuple(weight.shape)})"
+        )
     if lora_A.shape[1] != in_f or r < 1:
         raise ValueError(f"lora_linear: lora_A must be [r >= 1, in={in_f}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (out_f, r):
@@ -239,7 +241,9 @@ def _seed_tensor(seed: int | torch.Tensor | None, device: torch.device) -> torch
         return torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=device)
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"lora_linear: a tensor seed must hold one int64/int32 value, got {seed.dtype} {tuple(seed.shape)}")
+            raise ValueError(
+                f"lora_linear: a tensor seed must hold one int64/int32 value, got {seed.dtype} {tuple(seed.shape)}"
+            )
         return seed.reshape(1).to(device=device, dtype=torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"lora_linear: seed must be None, an int or an int64 tensor, got {type(seed).__name__}")
