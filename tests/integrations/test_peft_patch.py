@@ -258,3 +258,12 @@ def test_deepcopy_and_pickle_of_patched_model():
     with torch.no_grad():
         torch.testing.assert_close(restored(**batch()).logits, model(**batch()).logits)
     assert sorted(unpatch(clone)) == lora_linear_names(clone)
+
+
+def test_patched_model_traces_without_graph_breaks():
+    model = tiny_peft(dropout=0.1)
+    patch(model)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**batch())
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -348,3 +348,30 @@ def test_autocast_casts_like_linear():
         y_ref = lora_linear_reference(x, w, a, b, 0.5)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.bfloat16])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# property test over shapes (torch backend: fast enough for many examples)
+
+
+def test_torch_backend_property_random_shapes():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(n=st.integers(1, 40), d_in=st.integers(1, 48), d_out=st.integers(1, 48), r=st.integers(1, 20),
+                      p=st.sampled_from([0.0, 0.05, 0.5, 0.95]), bias=st.booleans(), seed=st.integers(0, 2**40))
+    def check(n, d_in, d_out, r, p, bias, seed):
+        cast, dy, names = make_inputs(n, d_in, d_out, r, torch.float64, bias=bias, weight_grad=True, seed=seed % 97)
+        t = cast(torch.float64)
+        mask = lora_dropout_mask(n, d_in, p, seed, backend="torch") if p else None
+        y, g = run(lambda *a, **k: lora_linear(*a, scaling=0.75, dropout_p=p, seed=seed, backend="torch", **k),
+                   t, dy, names)
+        t2 = cast(torch.float64)
+        y_ref, g_ref = run(lambda x, w, a, b, bias: lora_linear_reference(x, w, a, b, 0.75, bias, mask, p),
+                           t2, dy, names)
+        torch.testing.assert_close(y, y_ref)
+        for k in names:
+            torch.testing.assert_close(g[k], g_ref[k], msg=lambda m: f"d{k}: {m}")
+
+    check()
