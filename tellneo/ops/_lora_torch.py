@@ -8,41 +8,55 @@ Compared with PEFT's ``base(x) + lora_B(lora_A(dropout(x))) * s`` this path
 * folds the LoRA scaling and the dropout rescale ``1/(1-p)`` into the rank-r tensors, never into ``[N, in]``.
 
 The dropout keep-mask is drawn from a ``torch.Generator`` seeded with ``seed`` (Mersenne Twister on CPU, Philox
-on CUDA): 32 random bits per element, element kept when its bits (as a signed int32) are ``>= round(p·2³²) - 2³¹``.
-The keep probability is ``1 - round(p·2³²)/2³²`` — within 2⁻³³ of ``1 - p``, finer than ``nn.Dropout``'s own
-float comparison. Drawing 32-bit integers is about 3× cheaper on CPU than ``bernoulli_``, which is what makes
-regenerating the mask in the backward affordable.
+on CUDA): 32 random bits per element (stream position ``i·cols + j``), read as a signed int32 ``v``; the element
+is kept iff ``v >= t`` with the even threshold ``t = 2·round(p·2³¹) - 2³¹``. The keep probability is
+``1 - round(p·2³¹)/2³¹``, within 2⁻³² of ``1 - p`` — finer than ``nn.Dropout``'s own float comparison. Drawing
+32-bit integers is about 3× cheaper on CPU than ``bernoulli_``, which is what makes regenerating the mask in the
+backward affordable; the 0/1 float mask is then made in place with integer shifts (no bool tensor: ``where`` /
+``masked_fill`` with bool masks cost several float multiplies on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-_TWO32 = 1 << 32
 _TWO31 = 1 << 31
 
 
 def keep_threshold(dropout_p: float) -> int:
-    """Signed int32 threshold t: an element with uniform int32 bits ``v`` is kept iff ``v >= t``."""
-    return round(dropout_p * _TWO32) - _TWO31
+    """Even signed int32 threshold ``t``: an element with uniform int32 bits ``v`` is kept iff ``v >= t``."""
+    return 2 * round(dropout_p * _TWO31) - _TWO31
+
+
+def _random_int32(n: int, seed: int, device: torch.device, like: torch.dtype = torch.int32) -> torch.Tensor:
+    """``n`` uniform int32 values (flat) for ``seed``, in a fresh buffer of ``n`` 4-byte elements of dtype ``like``
+    (viewed as int32), so a float32 mask can be produced in the same memory."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    buf = torch.empty(n + (n & 1), dtype=like, device=device)
+    buf.view(torch.int64).random_(-(1 << 63), None, generator=gen)
+    return buf.view(torch.int32)[:n]
 
 
 def keep_mask(rows: int, cols: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Bool keep-mask ``[rows, cols]`` for ``(seed, dropout_p)``; element (i, j) uses stream position i·cols + j."""
-    n = rows * cols
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
-    bits.random_(-(1 << 63), None, generator=gen)
-    return bits.view(torch.int32)[:n].view(rows, cols) >= keep_threshold(dropout_p)
+    """Bool keep-mask ``[rows, cols]`` for ``(seed, dropout_p)``."""
+    return _random_int32(rows * cols, seed, device).view(rows, cols) >= keep_threshold(dropout_p)
 
 
 def keep_float(
     rows: int, cols: int, dropout_p: float, seed: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """:func:`keep_mask` as 0/1 in ``dtype``: float multiplies are several times faster on CPU than ``where`` /
-    ``masked_fill`` with a bool mask, and the converted mask serves both backward uses."""
-    return keep_mask(rows, cols, dropout_p, seed, device).to(dtype)
+    """:func:`keep_mask` as 0/1 values of ``dtype``, computed in place: ``((v >> 1) - t/2) >> 31`` is -1 exactly
+    when ``v < t`` (t even; no int32 overflow after the first shift), so adding 1 gives keep = 1, drop = 0."""
+    like = torch.float32 if dtype == torch.float32 else torch.int32
+    v = _random_int32(rows * cols, seed, device, like)
+    v.bitwise_right_shift_(1).sub_(keep_threshold(dropout_p) >> 1).bitwise_right_shift_(31).add_(1)
+    if like == torch.float32:
+        out = v.view(torch.float32)
+        out.copy_(v)  # int32 -> float32 element by element over the same memory (full overlap is allowed)
+    else:
+        out = v.to(dtype)
+    return out.view(rows, cols)
 
 
 def forward(
