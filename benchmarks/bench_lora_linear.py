@@ -75,8 +75,13 @@ def saved_activation_mb(fn, params) -> float:
 
 
 def build_layer_case(impl: str, d_in: int, d_out: int, tokens: int, r: int = 16, alpha: float = 16.0,
-                     p: float = 0.0, dtype: str = "float32", device: str = "cpu", batch: int = 4):
-    """Returns (fwd+bwd callable, extra columns) for one implementation of one layer shape."""
+                     p: float = 0.0, dtype: str = "float32", device: str = "cpu", batch: int = 4,
+                     probe_saved: bool = False):
+    """Returns (fwd+bwd callable, extra columns) for one implementation of one layer shape.
+
+    ``probe_saved``: instead, measure the activation memory saved for backward and return a no-op callable (run
+    as a separate job, so that the probe's freed memory cannot hide the measured call's peak RSS).
+    """
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     layer = _lora_layer(d_in, d_out, r, alpha, p, dt, device)
@@ -105,8 +110,43 @@ def build_layer_case(impl: str, d_in: int, d_out: int, tokens: int, r: int = 16,
             q.grad = None
         module(x).backward(dy)
 
-    saved = saved_activation_mb(lambda: module(x), params)
-    return step, {"saved_mb": round(saved, 3), "tokens": tokens, "rank": r, "dropout": p}
+    if probe_saved:
+        return (lambda: None), {"saved_mb": round(saved_activation_mb(lambda: module(x), params), 3)}
+    return step, {"tokens": tokens, "rank": r, "dropout": p}
+
+
+def interleaved_medians(jobs: dict, device: str, warmup: int, repeat: int) -> dict[str, float]:
+    """Median ms per impl with the impls' calls alternated in one process (rotating order each round), so that
+    a shared machine's changing load hits every impl alike. Complements the isolated per-impl measurements.
+    On CPU this runs in a fresh spawned process (nothing stays allocated in the caller)."""
+    if not device.startswith("cuda"):
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_interleaved_here, (jobs, device, warmup, repeat))
+    return _interleaved_here(jobs, device, warmup, repeat)
+
+
+def _interleaved_here(jobs: dict, device: str, warmup: int, repeat: int) -> dict[str, float]:
+    import statistics
+    import time
+
+    from tellneo.bench import _sync
+
+    fns = {name: job.build()[0] for name, job in jobs.items()}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(repeat):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def cases(device: str, quick: bool):
@@ -142,18 +182,28 @@ def main(argv: list[str] | None = None) -> int:
     dev_name = device_name(args.device)
     rows = []
     for case, d_in, d_out, tokens, p, dtype, impls in cases(args.device, args.quick):
+        # dropout does not apply to the frozen base alone; its p0 row is the floor
+        impls = [i for i in impls if not (i == "base-linear" and p > 0)]
+        jobs = {impl: Job("benchmarks.bench_lora_linear:build_layer_case",
+                          dict(impl=impl, d_in=d_in, d_out=d_out, tokens=tokens, p=p, dtype=dtype, device=args.device))
+                for impl in impls}
+        inter = interleaved_medians(jobs, args.device, args.warmup, args.repeat * 3)
+        case_rows = []
         for impl in impls:
-            if impl == "base-linear" and p > 0:
-                continue  # dropout does not apply to the frozen base alone; its p0 row is the floor
-            job = Job("benchmarks.bench_lora_linear:build_layer_case",
-                      dict(impl=impl, d_in=d_in, d_out=d_out, tokens=tokens, p=p, dtype=dtype, device=args.device))
+            kwargs = dict(impl=impl, d_in=d_in, d_out=d_out, tokens=tokens, p=p, dtype=dtype, device=args.device)
+            probe = measure(Job("benchmarks.bench_lora_linear:build_layer_case", dict(kwargs, probe_saved=True)),
+                            args.device, warmup=0, repeat=1)
             load = os.getloadavg()[0]
-            m = measure(job, args.device, warmup=args.warmup, repeat=args.repeat)
-            extra = dict(m.extra, load1=round(load, 2))
-            rows.append(Row(SUITE, case, impl, dev_name, dtype, f"N={tokens} in={d_in} out={d_out} r=16",
-                            m.time_ms, m.peak_mb, extra))
-            print(f"{case:28s} {impl:14s} {m.time_ms:9.2f} ms  peak {m.peak_mb:8.1f} MB  "
-                  f"saved {extra['saved_mb']:7.1f} MB  load {load:.2f}", flush=True)
+            m = measure(Job("benchmarks.bench_lora_linear:build_layer_case", kwargs), args.device,
+                        warmup=args.warmup, repeat=args.repeat)
+            extra = dict(m.extra, saved_mb=probe.extra["saved_mb"], load1=round(load, 2),
+                         time_ms_interleaved=round(inter[impl], 4),
+                         ratio_time_interleaved=round(inter[impl] / inter[BASELINE], 4))
+            case_rows.append(Row(SUITE, case, impl, dev_name, dtype, f"N={tokens} in={d_in} out={d_out} r=16",
+                                 m.time_ms, m.peak_mb, extra))
+            print(f"{case:28s} {impl:14s} {m.time_ms:9.2f} ms (interleaved {inter[impl]:9.2f} ms)  "
+                  f"peak {m.peak_mb:8.1f} MB  saved {extra['saved_mb']:7.1f} MB  load {load:.2f}", flush=True)
+        rows += case_rows
     records = add_ratios(rows, BASELINE)
     out_dir = results_dir(args.device, args.out)
     csv_path = write_csv(records, out_dir / f"{SUITE}.csv")

@@ -24,8 +24,13 @@ BASELINE = "peft"
 
 
 def build_step(impl: str, dropout: float = 0.1, r: int = 16, alpha: float = 32.0, batch: int = 4, seq: int = 256,
-               device: str = "cpu", dtype: str = "float32"):
-    """Returns (one training step, extra columns) for ``impl`` in {"peft", "tellneo"}."""
+               device: str = "cpu", dtype: str = "float32", probe_saved: bool = False):
+    """Returns (one training step, extra columns) for ``impl`` in {"peft", "tellneo"}.
+
+    ``probe_saved``: instead, measure the activation memory autograd saves in one forward (unique storages,
+    parameters excluded) and return a no-op callable; run as its own job so its freed memory cannot hide the
+    measured step's peak RSS.
+    """
     from peft import LoraConfig, get_peft_model
 
     from tellneo.models import load_causal_lm
@@ -58,6 +63,11 @@ def build_step(impl: str, dropout: float = 0.1, r: int = 16, alpha: float = 32.0
         opt.step()
         losses.append(loss.item())
 
+    if probe_saved:
+        from benchmarks.bench_lora_linear import saved_activation_mb
+
+        saved = saved_activation_mb(lambda: model(input_ids=ids, labels=ids).loss, list(model.parameters()))
+        return (lambda: None), {"saved_mb": round(saved, 1)}
     extra = {"tokens": batch * seq, "rank": r, "dropout": dropout, "lora_layers_patched": n_patched,
              "trainable_params": sum(p.numel() for p in params)}
     return step, extra
@@ -73,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps before timing (the first is the peak-memory one)")
+    parser.add_argument("--interleaved", type=int, default=6, metavar="STEPS",
+                        help="also time both impls alternating in one process for STEPS rounds (0: skip); fairer "
+                             "ratios on a shared machine")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
 
@@ -85,15 +98,31 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for p in args.dropout:
         case = f"smollm2-135m r16 4x256 p{p}"
+        inter = {}
+        if args.interleaved:
+            from benchmarks.bench_lora_linear import interleaved_medians
+
+            jobs = {impl: Job("benchmarks.bench_lora_step:build_step",
+                              dict(impl=impl, dropout=p, device=args.device, dtype=dtype))
+                    for impl in ("peft", "tellneo")}
+            inter = interleaved_medians(jobs, args.device, warmup=1, repeat=args.interleaved)
+            print(f"{case:30s} interleaved medians: " + ", ".join(f"{k} {v:.1f} ms" for k, v in inter.items()))
         for impl in ("peft", "tellneo"):
+            kwargs = dict(impl=impl, dropout=p, device=args.device, dtype=dtype)
+            probe = measure(Job("benchmarks.bench_lora_step:build_step", dict(kwargs, probe_saved=True)), args.device,
+                            warmup=0, repeat=1)
             load = os.getloadavg()[0]
-            m = measure(Job("benchmarks.bench_lora_step:build_step", dict(impl=impl, dropout=p, device=args.device,
-                                                                           dtype=dtype)),
-                        args.device, warmup=args.warmup, repeat=args.repeat)
-            extra = dict(m.extra, load1=round(load, 2), load1_after=round(os.getloadavg()[0], 2))
+            m = measure(Job("benchmarks.bench_lora_step:build_step", kwargs), args.device, warmup=args.warmup,
+                        repeat=args.repeat)
+            extra = dict(m.extra, saved_mb=probe.extra["saved_mb"], load1=round(load, 2),
+                         load1_after=round(os.getloadavg()[0], 2))
+            if inter:
+                extra.update(time_ms_interleaved=round(inter[impl], 1),
+                             ratio_time_interleaved=round(inter[impl] / inter[BASELINE], 4))
             rows.append(Row(SUITE, case, impl, dev_name, dtype, "batch=4 seq=256 r=16 all-linear", m.time_ms,
                             m.peak_mb, extra))
-            print(f"{case:30s} {impl:8s} {m.time_ms:10.1f} ms  peak {m.peak_mb:8.1f} MB  load {load:.2f}", flush=True)
+            print(f"{case:30s} {impl:8s} {m.time_ms:10.1f} ms  peak {m.peak_mb:8.1f} MB  "
+                  f"saved {extra['saved_mb']:8.1f} MB  load {load:.2f}", flush=True)
     records = add_ratios(rows, BASELINE)
     out_dir = results_dir(args.device, args.out)
     csv_path = write_csv(records, out_dir / f"{SUITE}.csv")
