@@ -11,7 +11,8 @@ exactly:
 
 Per call, the patched forward still falls back to PEFT's own forward (exactly PEFT's result) whenever the
 layer's state is outside what the op computes: adapters disabled or merged, not exactly one active adapter,
-mixed-adapter batches (``adapter_names=``), extra forward arguments, or input/base/adapter dtypes that differ.
+mixed-adapter batches (``adapter_names=``), extra forward arguments, tensors on different devices, or
+input/base/adapter dtypes that differ outside ``torch.autocast``.
 Dropout follows the dropout module's ``training`` flag, so ``model.eval()`` turns it off.
 
 Because PEFT's own modules, parameters and state dict are untouched, ``merge_and_unload``, ``save_pretrained``
@@ -122,11 +123,14 @@ def _call_reason(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) 
     if reason is not None:
         return reason
     base = module.get_base_layer()
-    dtypes = {x.dtype, base.weight.dtype, module.lora_A[active[0]].weight.dtype, module.lora_B[active[0]].weight.dtype}
+    tensors = [x, base.weight, module.lora_A[active[0]].weight, module.lora_B[active[0]].weight]
     if base.bias is not None:
-        dtypes.add(base.bias.dtype)
-    if len(dtypes) != 1:
-        return f"mixed dtypes {sorted(str(d) for d in dtypes)} (PEFT casts between them)"
+        tensors.append(base.bias)
+    if len({t.device for t in tensors}) != 1:
+        return "input, base and adapter weights are on different devices"
+    # Under autocast the op casts everything to the autocast dtype, which is also what PEFT's layers compute in.
+    if len({t.dtype for t in tensors}) != 1 and not torch.is_autocast_enabled(x.device.type):
+        return f"mixed dtypes {sorted({str(t.dtype) for t in tensors})} (PEFT casts between them)"
     return None
 
 

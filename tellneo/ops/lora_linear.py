@@ -250,11 +250,12 @@ def _seed_tensor(seed: int | torch.Tensor | None, device: torch.device) -> torch
     return torch.tensor([seed & 0x7FFF_FFFF_FFFF_FFFF], dtype=torch.int64, device=device)
 
 
-def _autocast(tensors: list[torch.Tensor | None], device_type: str) -> list[torch.Tensor | None]:
+def _autocast(tensors: list[Any], device_type: str) -> list[Any]:
+    """Under ``torch.autocast`` cast floating tensors to the autocast dtype, as ``F.linear`` would."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None else None for t in tensors]
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
 def lora_linear(
@@ -285,7 +286,8 @@ def lora_linear(
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the module docstring).
 
     All tensors share one dtype (float16/bfloat16/float32; float64 on the torch backend) and device; under
-    ``torch.autocast`` they are cast to the autocast dtype first. Returns ``[..., out]`` in that dtype.
+    ``torch.autocast`` they are first cast to the autocast dtype (so they may differ). Returns ``[..., out]`` in
+    that dtype.
     Gradients: dx, dA, dB (and dW / db when those require grad), with ``s · dy B`` computed once and reused.
 
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -296,8 +298,9 @@ def lora_linear(
     >>> torch.allclose(y, lora_linear_reference(x, w, a, b, scaling=2.0), atol=1e-5)
     True
     """
+    if isinstance(x, torch.Tensor):
+        x, weight, lora_A, lora_B, bias = _autocast([x, weight, lora_A, lora_B, bias], x.device.type)
     _check_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
-    x, weight, lora_A, lora_B, bias = _autocast([x, weight, lora_A, lora_B, bias], x.device.type)
     chosen = _resolve_backend(x, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

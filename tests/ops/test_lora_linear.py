@@ -348,6 +348,9 @@ def test_autocast_casts_like_linear():
         y_ref = lora_linear_reference(x, w, a, b, 0.5)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.bfloat16])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed input dtypes are fine under autocast
+        y_mixed = lora_linear(x, w.bfloat16(), a, b.double(), 0.5, backend="torch")
+    torch.testing.assert_close(y_mixed, y_ref, **TOLERANCES[torch.bfloat16])
 
 
 # ---------------------------------------------------------------------------------------------------------------
