@@ -135,7 +135,9 @@ def _call_reason(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) 
 
 
 def _fused_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    state = getattr(module, _MARK)
+    state = vars(module).get(_MARK)
+    if state is None:  # unpatched while someone else's wrapper still holds this forward: behave like PEFT
+        return type(module).forward(module, x, *args, **kwargs)
     reason = _call_reason(module, x, args, kwargs)
     if reason is not None:
         log_once(("peft.patch", reason), f"tellneo.peft: PEFT forward used for some calls: {reason}")
@@ -208,9 +210,15 @@ def unpatch(model: nn.Module) -> list[str]:
         if not is_patched(module):
             continue
         state = vars(module).pop(_MARK)
-        if state["instance_forward"] is not None:
-            module.forward = state["instance_forward"]
+        current = vars(module).get("forward")
+        if isinstance(current, _PatchedForward) and current.module is module:
+            if state["instance_forward"] is not None:
+                module.forward = state["instance_forward"]
+            else:
+                del module.forward
         else:
-            del module.forward
+            # Another wrapper (e.g. an accelerate hook) was installed over ours: leave it in place; our forward
+            # inside it now defers to PEFT's because the mark is gone.
+            logger.warning("tellneo.peft.unpatch: %s: forward was re-wrapped after patch(); left in place", name)
         restored.append(name)
     return restored

@@ -318,3 +318,16 @@ def test_mismatched_devices_fall_back_to_peft(monkeypatch):
         pass
     assert not called
     assert expected.shape == (3, 64)
+
+
+def test_unpatch_leaves_a_later_wrapper_in_place_and_defers_to_peft():
+    model = tiny_peft()
+    ref = copy.deepcopy(model)
+    patch(model)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    inner = layer.forward
+    layer.forward = lambda x, *a, **k: inner(x, *a, **k) * 1.0  # e.g. a hook wrapper installed after patch()
+    assert "base_model.model.model.layers.0.mlp.up_proj" in unpatch(model)
+    assert "forward" in vars(layer) and not is_patched(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch()).logits, ref(**batch()).logits, rtol=1e-5, atol=1e-5)

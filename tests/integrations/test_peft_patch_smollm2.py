@@ -32,7 +32,7 @@ def peft_smollm2(smollm2):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    enc = tok(TEXT, return_tensors="pt", padding="max_length", max_length=24, truncation=True)
+    enc = tok(TEXT, return_tensors="pt", padding="max_length", max_length=12, truncation=True)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     inputs = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
     model.train()
