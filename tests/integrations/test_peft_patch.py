@@ -20,6 +20,16 @@ from tellneo.integrations.peft import is_patched, patch, unpatch  # noqa: E402
 VOCAB = tiny_llama_config().vocab_size
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny per op (tens of tokens): one intra-op thread is as fast on an idle machine and
+    6-15x faster on a loaded shared one, where a second OpenMP thread waits for a busy core at every op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_peft(dropout=0.0, seed=0, **lora):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config())
