@@ -112,10 +112,11 @@ def build_layer_case(impl: str, d_in: int, d_out: int, tokens: int, r: int = 16,
 
     if probe_saved:
         return (lambda: None), {"saved_mb": round(saved_activation_mb(lambda: module(x), params), 3)}
-    return step, {"tokens": tokens, "rank": r, "dropout": p}
+    return step, {"tokens": tokens, "rank": r, "dropout": p, "threads": torch.get_num_threads()}
 
 
-def interleaved_medians(jobs: dict, device: str, warmup: int, repeat: int) -> dict[str, float]:
+def interleaved_medians(jobs: dict, device: str, warmup: int, repeat: int, threads: int | None = None
+                        ) -> dict[str, float]:
     """Median ms per impl with the impls' calls alternated in one process (rotating order each round), so that
     a shared machine's changing load hits every impl alike. Complements the isolated per-impl measurements.
     On CPU this runs in a fresh spawned process (nothing stays allocated in the caller)."""
@@ -123,16 +124,19 @@ def interleaved_medians(jobs: dict, device: str, warmup: int, repeat: int) -> di
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(1) as pool:
-            return pool.apply(_interleaved_here, (jobs, device, warmup, repeat))
-    return _interleaved_here(jobs, device, warmup, repeat)
+            return pool.apply(_interleaved_here, (jobs, device, warmup, repeat, threads))
+    return _interleaved_here(jobs, device, warmup, repeat, threads)
 
 
-def _interleaved_here(jobs: dict, device: str, warmup: int, repeat: int) -> dict[str, float]:
+def _interleaved_here(jobs: dict, device: str, warmup: int, repeat: int, threads: int | None = None
+                      ) -> dict[str, float]:
     import statistics
     import time
 
     from tellneo.bench import _sync
 
+    if threads:
+        torch.set_num_threads(threads)
     fns = {name: job.build()[0] for name, job in jobs.items()}
     for _ in range(warmup):
         for fn in fns.values():
@@ -172,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one shape only (smoke test of the script)")
     parser.add_argument("--repeat", type=int, default=7, help="timed repetitions per case (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads in each measuring process (default: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
 
@@ -187,15 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         jobs = {impl: Job("benchmarks.bench_lora_linear:build_layer_case",
                           dict(impl=impl, d_in=d_in, d_out=d_out, tokens=tokens, p=p, dtype=dtype, device=args.device))
                 for impl in impls}
-        inter = interleaved_medians(jobs, args.device, args.warmup, args.repeat * 3)
+        inter = interleaved_medians(jobs, args.device, args.warmup, args.repeat * 3, args.threads)
         case_rows = []
         for impl in impls:
             kwargs = dict(impl=impl, d_in=d_in, d_out=d_out, tokens=tokens, p=p, dtype=dtype, device=args.device)
             probe = measure(Job("benchmarks.bench_lora_linear:build_layer_case", dict(kwargs, probe_saved=True)),
-                            args.device, warmup=0, repeat=1)
+                            args.device, warmup=0, repeat=1, threads=args.threads)
             load = os.getloadavg()[0]
             m = measure(Job("benchmarks.bench_lora_linear:build_layer_case", kwargs), args.device,
-                        warmup=args.warmup, repeat=args.repeat)
+                        warmup=args.warmup, repeat=args.repeat, threads=args.threads)
             extra = dict(m.extra, saved_mb=probe.extra["saved_mb"], load1=round(load, 2),
                          time_ms_interleaved=round(inter[impl], 4),
                          ratio_time_interleaved=round(inter[impl] / inter[BASELINE], 4))

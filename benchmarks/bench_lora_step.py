@@ -69,7 +69,7 @@ def build_step(impl: str, dropout: float = 0.1, r: int = 16, alpha: float = 32.0
         saved = saved_activation_mb(lambda: model(input_ids=ids, labels=ids).loss, list(model.parameters()))
         return (lambda: None), {"saved_mb": round(saved, 1)}
     extra = {"tokens": batch * seq, "rank": r, "dropout": dropout, "lora_layers_patched": n_patched,
-             "trainable_params": sum(p.numel() for p in params)}
+             "trainable_params": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
     return step, extra
 
 
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleaved", type=int, default=6, metavar="STEPS",
                         help="also time both impls alternating in one process for STEPS rounds (0: skip); fairer "
                              "ratios on a shared machine")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads in each measuring process (default: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
 
@@ -105,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
             jobs = {impl: Job("benchmarks.bench_lora_step:build_step",
                               dict(impl=impl, dropout=p, device=args.device, dtype=dtype))
                     for impl in ("peft", "tellneo")}
-            inter = interleaved_medians(jobs, args.device, warmup=1, repeat=args.interleaved)
+            inter = interleaved_medians(jobs, args.device, warmup=1, repeat=args.interleaved, threads=args.threads)
             print(f"{case:30s} interleaved medians: " + ", ".join(f"{k} {v:.1f} ms" for k, v in inter.items()))
         for impl in ("peft", "tellneo"):
             kwargs = dict(impl=impl, dropout=p, device=args.device, dtype=dtype)
             probe = measure(Job("benchmarks.bench_lora_step:build_step", dict(kwargs, probe_saved=True)), args.device,
-                            warmup=0, repeat=1)
+                            warmup=0, repeat=1, threads=args.threads)
             load = os.getloadavg()[0]
             m = measure(Job("benchmarks.bench_lora_step:build_step", kwargs), args.device, warmup=args.warmup,
-                        repeat=args.repeat)
+                        repeat=args.repeat, threads=args.threads)
             extra = dict(m.extra, saved_mb=probe.extra["saved_mb"], load1=round(load, 2),
                          load1_after=round(os.getloadavg()[0], 2))
             if inter:
