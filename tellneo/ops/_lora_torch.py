@@ -8,12 +8,15 @@ Compared with PEFT's ``base(x) + lora_B(lora_A(dropout(x))) * s`` this path
 * folds the LoRA scaling and the dropout rescale ``1/(1-p)`` into the rank-r tensors, never into ``[N, in]``.
 
 The dropout keep-mask is drawn from a ``torch.Generator`` seeded with ``seed`` (Mersenne Twister on CPU, Philox
-on CUDA): 32 random bits per element (stream position ``i·cols + j``), read as a signed int32 ``v``; the element
-is kept iff ``v >= t`` with the even threshold ``t = 2·round(p·2³¹) - 2³¹``. The keep probability is
-``1 - round(p·2³¹)/2³¹``, within 2⁻³² of ``1 - p`` — finer than ``nn.Dropout``'s own float comparison. Drawing
-32-bit integers is about 3× cheaper on CPU than ``bernoulli_``, which is what makes regenerating the mask in the
-backward affordable; the 0/1 float mask is then made in place with integer shifts (no bool tensor: ``where`` /
-``masked_fill`` with bool masks cost several float multiplies on CPU).
+on CUDA): 32 random bits per element (stream position ``i·cols + j``), read as a signed int32 ``v`` and converted
+to float32; the element is kept iff ``float(v) > float(t)`` with ``t = round(p·2³²) - 2³¹``. Float rounding is
+monotonic, so this is an integer threshold within 2⁷ of ``t``: the keep probability is within 2⁻²⁵ of ``1 - p``
+(``nn.Dropout``'s own float comparison is no finer). Drawing 32-bit integers is about 3× cheaper on CPU than
+``bernoulli_``, which is what makes regenerating the mask in the backward affordable. The 0/1 mask is then made
+in the bits' own buffer with three elementwise ops (int→float, subtract, clamp to [0, 1]: a positive difference
+of two integer-valued floats is ≥ 1) — no bool tensors, which make ``where`` / ``masked_fill`` several times
+slower than float multiplies on CPU, and few ops, because on a loaded machine every parallel op waits for its
+slowest thread.
 """
 
 from __future__ import annotations
@@ -23,40 +26,33 @@ import torch
 _TWO31 = 1 << 31
 
 
-def keep_threshold(dropout_p: float) -> int:
-    """Even signed int32 threshold ``t``: an element with uniform int32 bits ``v`` is kept iff ``v >= t``."""
-    return 2 * round(dropout_p * _TWO31) - _TWO31
+def keep_threshold(dropout_p: float) -> float:
+    """Float32 threshold ``float(round(p·2³²) - 2³¹)``: an element with int32 bits ``v`` is kept iff ``float(v)`` is
+    greater."""
+    return torch.tensor(round(dropout_p * (1 << 32)) - _TWO31, dtype=torch.float32).item()
 
 
-def _random_int32(n: int, seed: int, device: torch.device, like: torch.dtype = torch.int32) -> torch.Tensor:
-    """``n`` uniform int32 values (flat) for ``seed``, in a fresh buffer of ``n`` 4-byte elements of dtype ``like``
-    (viewed as int32), so a float32 mask can be produced in the same memory."""
+def _random_bits_as_float(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``n`` uniform int32 values for ``seed`` (flat, stream order), converted in place to float32."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-    buf = torch.empty(n + (n & 1), dtype=like, device=device)
+    buf = torch.empty(n + (n & 1), dtype=torch.float32, device=device)
     buf.view(torch.int64).random_(-(1 << 63), None, generator=gen)
-    return buf.view(torch.int32)[:n]
+    buf.copy_(buf.view(torch.int32))  # int32 -> float32 element by element over the same memory (full overlap)
+    return buf[:n]
 
 
 def keep_mask(rows: int, cols: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
     """Bool keep-mask ``[rows, cols]`` for ``(seed, dropout_p)``."""
-    return _random_int32(rows * cols, seed, device).view(rows, cols) >= keep_threshold(dropout_p)
+    return _random_bits_as_float(rows * cols, seed, device).view(rows, cols) > keep_threshold(dropout_p)
 
 
 def keep_float(
     rows: int, cols: int, dropout_p: float, seed: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """:func:`keep_mask` as 0/1 values of ``dtype``, computed in place: ``((v >> 1) - t/2) >> 31`` is -1 exactly
-    when ``v < t`` (t even; no int32 overflow after the first shift), so adding 1 gives keep = 1, drop = 0."""
-    like = torch.float32 if dtype == torch.float32 else torch.int32
-    v = _random_int32(rows * cols, seed, device, like)
-    v.bitwise_right_shift_(1).sub_(keep_threshold(dropout_p) >> 1).bitwise_right_shift_(31).add_(1)
-    if like == torch.float32:
-        out = v.view(torch.float32)
-        out.copy_(v)  # int32 -> float32 element by element over the same memory (full overlap is allowed)
-    else:
-        out = v.to(dtype)
-    return out.view(rows, cols)
+    """:func:`keep_mask` as 0/1 values of ``dtype`` (one ``[rows, cols]`` float32 buffer, three ops)."""
+    keep = _random_bits_as_float(rows * cols, seed, device).sub_(keep_threshold(dropout_p)).clamp_(0.0, 1.0)
+    return keep.view(rows, cols).to(dtype)
 
 
 def forward(

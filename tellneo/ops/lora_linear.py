@@ -188,7 +188,6 @@ def _lora_linear_bwd(
     needs: list[bool],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    need_dx, need_dw, need_db, need_da, need_dbl = needs
     dy = dy.contiguous()
     if backend == "triton":
         from tellneo.kernels import lora_linear as kernels

@@ -381,15 +381,17 @@ def test_torch_backend_property_random_shapes():
 
 
 def test_torch_backend_float_mask_equals_bool_mask_at_the_threshold():
-    """The in-place integer path that builds the 0/1 float mask decides exactly like ``bits >= threshold``."""
+    """The float path that builds the 0/1 mask (int->float, subtract, clamp) decides exactly like the bool mask,
+    also for bits right at and next to the threshold."""
     from tellneo.ops import _lora_torch
 
     for p in (1e-9, 0.1, 0.5, 0.999999):
         t = _lora_torch.keep_threshold(p)
-        assert t % 2 == 0
-        v = torch.tensor([t - 2, t - 1, t, t + 1, -(2**31), 2**31 - 1], dtype=torch.int32)
-        w = v.clone().bitwise_right_shift_(1).sub_(t >> 1).bitwise_right_shift_(31).add_(1)
-        assert torch.equal(w.bool(), v >= t), p
+        assert t == float(torch.tensor(t, dtype=torch.float32))  # a float32 value
+        near = [min(max(int(t) + d, -(2**31)), 2**31 - 1) for d in range(-300, 301, 7)]
+        v = torch.tensor(near + [-(2**31), 2**31 - 1], dtype=torch.int32)
+        f = v.to(torch.float32)
+        assert torch.equal(f.sub(t).clamp_(0, 1).bool(), f > t), p
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             keep = _lora_torch.keep_mask(33, 31, p, 5, torch.device("cpu"))
             keepf = _lora_torch.keep_float(33, 31, p, 5, torch.device("cpu"), dtype)
