@@ -8,6 +8,8 @@ forward and backward agree without storing anything.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -48,9 +50,15 @@ def keep_mask(rows: int, cols: int, dropout_p: float, seed: torch.Tensor) -> tor
     """Bool ``[rows, cols]`` keep-mask the Triton LoRA kernels use for ``seed`` (int64 tensor on the device)."""
     out = torch.empty(rows, cols, dtype=torch.int8, device=seed.device)
     if out.numel():
-        grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
-        keep_mask_kernel[grid](out, seed, rows, cols, float(dropout_p), BLOCK_M=64, BLOCK_N=64)
+        with on_device(seed):
+            grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
+            keep_mask_kernel[grid](out, seed, rows, cols, float(dropout_p), BLOCK_M=64, BLOCK_N=64)
     return out.bool()
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s device (multi-GPU processes)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def interpreting() -> bool:

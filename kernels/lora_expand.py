@@ -56,7 +56,7 @@ def lora_expand_kernel(
     rk = tl.arange(0, BLOCK_K)
     # Clamped row/column indices: out-of-range rows/cols read valid memory and are masked at the store.
     rm_c = (rm % M).to(tl.int64)
-    rn_c = rn % N
+    rn_c = (rn % N).to(tl.int64)
     x_rows = x_ptr + rm_c[:, None] * stride_xm
     w_cols = w_ptr + rn_c[None, :] * stride_wn
 
@@ -65,7 +65,7 @@ def lora_expand_kernel(
         kk = k0 + rk
         k_ok = kk < K
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_ok[:, None], other=0.0)
+        w = tl.load(w_cols + kk.to(tl.int64)[:, None] * stride_wk, mask=k_ok[:, None], other=0.0)
         acc = mma(x, w, acc, UPCAST, IEEE)
 
     rr = tl.arange(0, BLOCK_R)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tellneo.kernels.lora_common import keep_mask
+from tellneo.kernels.lora_common import keep_mask, on_device
 from tellneo.kernels.lora_expand import expand_matmul
 from tellneo.kernels.lora_reduce import row_reduce
 from tellneo.kernels.lora_shrink import shrink
@@ -32,6 +32,11 @@ def forward(
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y [M, out], xa [M, r])`` for 2-D ``x [M, in]``; ``seed``: int64 device tensor when ``dropout_p > 0``."""
+    with on_device(x):
+        return _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+
+
+def _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     keep_scale = 1.0 / (1.0 - dropout_p)
     xa = shrink(x, lora_A, alpha=keep_scale, dropout_p=dropout_p, seed=seed)
     if weight.shape[0] == 0:
@@ -57,6 +62,13 @@ def backward(
     need_db_lora: bool,
 ) -> tuple[torch.Tensor | None, ...]:
     """``(dx, dW, db, dA, dB)``, ``None`` where not needed."""
+    with on_device(x):
+        return _backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed,
+                         need_dx, need_dw, need_db, need_da, need_db_lora)
+
+
+def _backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dw, need_db, need_da,
+              need_db_lora):
     dx = dw = db = da = db_lora = None
     if need_dx or need_da:
         keep_scale = 1.0 / (1.0 - dropout_p)

@@ -11,7 +11,8 @@ exactly:
 
 Per call, the patched forward still falls back to PEFT's own forward (exactly PEFT's result) whenever the
 layer's state is outside what the op computes: adapters disabled or merged, not exactly one active adapter,
-mixed-adapter batches (``adapter_names=``), extra forward arguments, or input/base/adapter dtypes that differ.
+mixed-adapter batches (``adapter_names=``), extra forward arguments, tensors on different devices, or
+input/base/adapter dtypes that differ outside ``torch.autocast``.
 Dropout follows the dropout module's ``training`` flag, so ``model.eval()`` turns it off.
 
 Because PEFT's own modules, parameters and state dict are untouched, ``merge_and_unload``, ``save_pretrained``
@@ -122,16 +123,21 @@ def _call_reason(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) 
     if reason is not None:
         return reason
     base = module.get_base_layer()
-    dtypes = {x.dtype, base.weight.dtype, module.lora_A[active[0]].weight.dtype, module.lora_B[active[0]].weight.dtype}
+    tensors = [x, base.weight, module.lora_A[active[0]].weight, module.lora_B[active[0]].weight]
     if base.bias is not None:
-        dtypes.add(base.bias.dtype)
-    if len(dtypes) != 1:
-        return f"mixed dtypes {sorted(str(d) for d in dtypes)} (PEFT casts between them)"
+        tensors.append(base.bias)
+    if len({t.device for t in tensors}) != 1:
+        return "input, base and adapter weights are on different devices"
+    # Under autocast the op casts everything to the autocast dtype, which is also what PEFT's layers compute in.
+    if len({t.dtype for t in tensors}) != 1 and not torch.is_autocast_enabled(x.device.type):
+        return f"mixed dtypes {sorted({str(t.dtype) for t in tensors})} (PEFT casts between them)"
     return None
 
 
 def _fused_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    state = getattr(module, _MARK)
+    state = vars(module).get(_MARK)
+    if state is None:  # unpatched while someone else's wrapper still holds this forward: behave like PEFT
+        return type(module).forward(module, x, *args, **kwargs)
     reason = _call_reason(module, x, args, kwargs)
     if reason is not None:
         log_once(("peft.patch", reason), f"tellneo.peft: PEFT forward used for some calls: {reason}")
@@ -204,9 +210,15 @@ def unpatch(model: nn.Module) -> list[str]:
         if not is_patched(module):
             continue
         state = vars(module).pop(_MARK)
-        if state["instance_forward"] is not None:
-            module.forward = state["instance_forward"]
+        current = vars(module).get("forward")
+        if isinstance(current, _PatchedForward) and current.module is module:
+            if state["instance_forward"] is not None:
+                module.forward = state["instance_forward"]
+            else:
+                del module.forward
         else:
-            del module.forward
+            # Another wrapper (e.g. an accelerate hook) was installed over ours: leave it in place; our forward
+            # inside it now defers to PEFT's because the mark is gone.
+            logger.warning("tellneo.peft.unpatch: %s: forward was re-wrapped after patch(); left in place", name)
         restored.append(name)
     return restored

@@ -1,4 +1,4 @@
-"""Fused LoRA linear: ``y = x Wᵀ (+ b) + s · dropout_p(x) Aᵀ Bᵀ`` with the dropout mask regenerated in the backward.
+"""Fused LoRA linear: ``y = x Wᵀ (+ b) + s · dropout_p(x) Aᵀ Bᵀ``, the dropout mask regenerated in the backward.
 
 Public functions:
 
@@ -95,7 +95,9 @@ def _check_args(
     out_f, in_f = weight.shape
     r = lora_A.shape[0]
     if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(f"lora_linear: x {tuple(x.shape)} must end in in_features={in_f} (weight {tuple(weight.shape)})")
+        raise ValueError(
+            f"lora_linear: x {tuple(x.shape)} must end in in_features={in_f} (weight {tuple(weight.shape)})"
+        )
     if lora_A.shape[1] != in_f or r < 1:
         raise ValueError(f"lora_linear: lora_A must be [r >= 1, in={in_f}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (out_f, r):
@@ -186,7 +188,6 @@ def _lora_linear_bwd(
     needs: list[bool],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    need_dx, need_dw, need_db, need_da, need_dbl = needs
     dy = dy.contiguous()
     if backend == "triton":
         from tellneo.kernels import lora_linear as kernels
@@ -239,18 +240,21 @@ def _seed_tensor(seed: int | torch.Tensor | None, device: torch.device) -> torch
         return torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=device)
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"lora_linear: a tensor seed must hold one int64/int32 value, got {seed.dtype} {tuple(seed.shape)}")
+            raise ValueError(
+                f"lora_linear: a tensor seed must hold one int64/int32 value, got {seed.dtype} {tuple(seed.shape)}"
+            )
         return seed.reshape(1).to(device=device, dtype=torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"lora_linear: seed must be None, an int or an int64 tensor, got {type(seed).__name__}")
     return torch.tensor([seed & 0x7FFF_FFFF_FFFF_FFFF], dtype=torch.int64, device=device)
 
 
-def _autocast(tensors: list[torch.Tensor | None], device_type: str) -> list[torch.Tensor | None]:
+def _autocast(tensors: list[Any], device_type: str) -> list[Any]:
+    """Under ``torch.autocast`` cast floating tensors to the autocast dtype, as ``F.linear`` would."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None else None for t in tensors]
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
 def lora_linear(
@@ -281,7 +285,8 @@ def lora_linear(
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the module docstring).
 
     All tensors share one dtype (float16/bfloat16/float32; float64 on the torch backend) and device; under
-    ``torch.autocast`` they are cast to the autocast dtype first. Returns ``[..., out]`` in that dtype.
+    ``torch.autocast`` they are first cast to the autocast dtype (so they may differ). Returns ``[..., out]`` in
+    that dtype.
     Gradients: dx, dA, dB (and dW / db when those require grad), with ``s · dy B`` computed once and reused.
 
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -292,8 +297,9 @@ def lora_linear(
     >>> torch.allclose(y, lora_linear_reference(x, w, a, b, scaling=2.0), atol=1e-5)
     True
     """
+    if isinstance(x, torch.Tensor):
+        x, weight, lora_A, lora_B, bias = _autocast([x, weight, lora_A, lora_B, bias], x.device.type)
     _check_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
-    x, weight, lora_A, lora_B, bias = _autocast([x, weight, lora_A, lora_B, bias], x.device.type)
     chosen = _resolve_backend(x, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

@@ -14,6 +14,16 @@ from tellneo.integrations.peft import patch, unpatch  # noqa: E402
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny per op (tens of tokens): one intra-op thread is as fast on an idle machine and
+    6-15x faster on a loaded shared one, where a second OpenMP thread waits for a busy core at every op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TEXT = [
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
     "Iceland is a Nordic island country in the North Atlantic Ocean, known for its volcanoes.",
@@ -32,7 +42,7 @@ def peft_smollm2(smollm2):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    enc = tok(TEXT, return_tensors="pt", padding="max_length", max_length=24, truncation=True)
+    enc = tok(TEXT, return_tensors="pt", padding="max_length", max_length=12, truncation=True)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     inputs = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
     model.train()
@@ -45,7 +55,10 @@ def lora_state(model):
 
 
 def train_curve(model, inputs, steps):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    # A moderate learning rate: driving 24 tokens' loss towards 0 makes AdamW's trajectory chaotic (tiny
+    # gradients normalised to full steps), and then any rounding difference, even between two runs of the same
+    # code, shows up in the curve.
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -82,7 +95,9 @@ def test_smollm2_patched_loss_grads_and_training_curve_match_peft(peft_smollm2):
     for n, g in grads_ref.items():
         got = model.get_parameter(n).grad
         assert g.abs().max() > 0, n
-        torch.testing.assert_close(got, g, rtol=2e-3, atol=1e-6 + 2e-3 * g.abs().max().item(), msg=lambda m: f"{n}: {m}")
+        atol = 1e-6 + 2e-3 * g.abs().max().item()
+        torch.testing.assert_close(got, g, rtol=2e-3, atol=atol, msg=lambda m: f"{n}: {m}")
     curve = train_curve(model, inputs, 20)
-    torch.testing.assert_close(torch.tensor(curve), torch.tensor(curve_ref), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(torch.tensor(curve), torch.tensor(curve_ref), rtol=1e-3, atol=1e-3,
+                               msg=lambda m: f"{m}\npatched {curve}\npeft    {curve_ref}")
     assert curve_ref[-1] < 0.7 * curve_ref[0]  # the run really trains

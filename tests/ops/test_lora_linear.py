@@ -348,3 +348,51 @@ def test_autocast_casts_like_linear():
         y_ref = lora_linear_reference(x, w, a, b, 0.5)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.bfloat16])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed input dtypes are fine under autocast
+        y_mixed = lora_linear(x, w.bfloat16(), a, b.double(), 0.5, backend="torch")
+    torch.testing.assert_close(y_mixed, y_ref, **TOLERANCES[torch.bfloat16])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# property test over shapes (torch backend: fast enough for many examples)
+
+
+def test_torch_backend_property_random_shapes():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(n=st.integers(1, 40), d_in=st.integers(1, 48), d_out=st.integers(1, 48), r=st.integers(1, 20),
+                      p=st.sampled_from([0.0, 0.05, 0.5, 0.95]), bias=st.booleans(), seed=st.integers(0, 2**40))
+    def check(n, d_in, d_out, r, p, bias, seed):
+        cast, dy, names = make_inputs(n, d_in, d_out, r, torch.float64, bias=bias, weight_grad=True, seed=seed % 97)
+        t = cast(torch.float64)
+        mask = lora_dropout_mask(n, d_in, p, seed, backend="torch") if p else None
+        y, g = run(lambda *a, **k: lora_linear(*a, scaling=0.75, dropout_p=p, seed=seed, backend="torch", **k),
+                   t, dy, names)
+        t2 = cast(torch.float64)
+        y_ref, g_ref = run(lambda x, w, a, b, bias: lora_linear_reference(x, w, a, b, 0.75, bias, mask, p),
+                           t2, dy, names)
+        torch.testing.assert_close(y, y_ref)
+        for k in names:
+            torch.testing.assert_close(g[k], g_ref[k], msg=lambda m: f"d{k}: {m}")
+
+    check()
+
+
+def test_torch_backend_float_mask_equals_bool_mask_at_the_threshold():
+    """The float path that builds the 0/1 mask (int->float, subtract, clamp) decides exactly like the bool mask,
+    also for bits right at and next to the threshold."""
+    from tellneo.ops import _lora_torch
+
+    for p in (1e-9, 0.1, 0.5, 0.999999):
+        t = _lora_torch.keep_threshold(p)
+        assert t == float(torch.tensor(t, dtype=torch.float32))  # a float32 value
+        near = [min(max(int(t) + d, -(2**31)), 2**31 - 1) for d in range(-300, 301, 7)]
+        v = torch.tensor(near + [-(2**31), 2**31 - 1], dtype=torch.int32)
+        f = v.to(torch.float32)
+        assert torch.equal(f.sub(t).clamp_(0, 1).bool(), f > t), p
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            keep = _lora_torch.keep_mask(33, 31, p, 5, torch.device("cpu"))
+            keepf = _lora_torch.keep_float(33, 31, p, 5, torch.device("cpu"), dtype)
+            assert keepf.dtype == dtype and torch.equal(keepf, keep.to(dtype))
