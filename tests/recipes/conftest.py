@@ -1,0 +1,53 @@
+"""Tiny models and learnable data for the recipe tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tellneo.data import TokenStore
+from tests.conftest import tiny_llama_config
+
+VOCAB = 251
+
+
+def tiny_teacher(seed: int = 0, **overrides):
+    """A 4-layer random Llama (vocab 251, hidden 64) in eval mode. Its output head is scaled up (std 0.2 instead
+    of 0.02) so that logits can move far enough for a frozen head + LoRA student to learn visibly."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(num_hidden_layers=4)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(tiny_llama_config(**cfg)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10.0)
+    return model
+
+
+def learnable_store(n: int = 48, seed: int = 0, prompt: int = 3) -> TokenStore:
+    """Prefixes of four fixed random token sequences: after the first tokens the continuation is memorisable.
+    The first ``prompt`` tokens of each sample are not trained (label -100)."""
+    rng = np.random.default_rng(seed)
+    phrases = rng.integers(0, VOCAB, size=(4, 40))
+    samples, labels = [], []
+    for k, length in zip(rng.integers(0, 4, size=n), rng.integers(8, 40, size=n)):
+        s = phrases[k, : int(length)]
+        samples.append(s)
+        labels.append(np.where(np.arange(s.size) < prompt, -100, s))
+    return TokenStore.from_sequences(samples, labels)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread, especially on a shared machine (no OpenMP barrier waits)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def teacher():
+    return tiny_teacher()
