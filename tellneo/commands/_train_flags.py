@@ -4,6 +4,7 @@ CLI's one-line user errors."""
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -52,6 +53,8 @@ def recipe_errors() -> Iterator[None]:
     from tellneo.cli import UserError
     from tellneo.recipes.common import RecipeError
 
+    # transformers/peft deprecation chatter about their own internals is not actionable for a CLI user
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
     try:
         yield
     except RecipeError as exc:

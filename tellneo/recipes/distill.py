@@ -20,7 +20,14 @@ import torch
 
 from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
 from tellneo.recipes.neo import NEO_PRESET, KDSettings, NeoTrainer, build_student, check_compatible, parse_layers
-from tellneo.recipes.training import CHECKPOINTS, METRICS, TrainSettings, open_run_dir, run_training
+from tellneo.recipes.training import (
+    CHECKPOINTS,
+    METRICS,
+    TrainSettings,
+    check_run_dir,
+    open_run_dir,
+    run_training,
+)
 
 logger = logging.getLogger("tellneo")
 
@@ -139,6 +146,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
+    from transformers import set_seed
 
     from tellneo.data import PackedCollator, PackedDataset
     from tellneo.models import load_causal_lm
@@ -154,10 +162,12 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     out = Path(cfg.output_dir)
     args = cfg.train.training_arguments(out / CHECKPOINTS)
     state = PartialState()
-    with state.main_process_first():
-        out, resume_from = open_run_dir(out, manifest, resume=resume, overwrite=overwrite,
-                                        is_main=state.is_main_process)
+    if state.is_main_process:
+        check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
     timings: dict[str, float] = {}
+
+    records, source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
+    train_records, eval_records = split_records(records, cfg.eval_samples, cfg.train.seed)
 
     t0 = time.perf_counter()
     teacher, tokenizer = load_causal_lm(cfg.teacher)
@@ -165,8 +175,6 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     timings["load_models_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    records, source = general_records(cfg.data, cfg.max_samples)
-    train_records, eval_records = split_records(records, cfg.eval_samples, cfg.train.seed)
     vocab = int(student.get_output_embeddings().weight.shape[0])
     train_store = tokenize(train_records, tokenizer, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
     eval_store = tokenize(eval_records, tokenizer, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
@@ -178,6 +186,11 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         raise RecipeError(f"the training data packs into {len(train_ds)} rows of {cfg.seq_len} tokens, fewer than "
                           f"one global batch ({global_batch} rows): add data or lower --batch-size/--grad-accum")
     timings["data_s"] = time.perf_counter() - t0
+
+    # inputs are valid: now the run directory is created (or reopened) and written
+    with state.main_process_first():
+        out, resume_from = open_run_dir(out, manifest, resume=resume, overwrite=overwrite,
+                                        is_main=state.is_main_process)
 
     dataset, collator, extra = train_ds, PackedCollator("rows"), None
     if cfg.offline_topk > 0 and kd.alpha > 0:
@@ -209,6 +222,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     before = evaluate(student, "before", teacher_cache)
     timings["eval_before_s"] = time.perf_counter() - t0
 
+    set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
     if cfg.mode == "lora":
         model = attach_lora(student, lora)
     else:

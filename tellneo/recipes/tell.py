@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 
 from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
-from tellneo.recipes.training import CHECKPOINTS, METRICS, TrainSettings, open_run_dir, run_training
+from tellneo.recipes.training import (
+    CHECKPOINTS,
+    METRICS,
+    TrainSettings,
+    check_run_dir,
+    open_run_dir,
+    run_training,
+)
 
 logger = logging.getLogger("tellneo")
 
@@ -189,6 +196,7 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
+    from transformers import set_seed
 
     from tellneo.data import PackedCollator
     from tellneo.models import load_causal_lm
@@ -203,10 +211,13 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     out = Path(cfg.output_dir)
     args = cfg.train.training_arguments(out / CHECKPOINTS)
     state = PartialState()
-    with state.main_process_first():
-        out, resume_from = open_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite,
-                                        is_main=state.is_main_process)
+    if state.is_main_process:
+        check_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
     timings: dict[str, float] = {}
+
+    train_pairs, test_pairs, anchor, score, task_source = _task_data(cfg)  # bad data fails before loading
+    general, general_source = general_records(cfg.general, cfg.general_samples) if cfg.method == "tell" else \
+        (None, None)
 
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(cfg.model)
@@ -215,13 +226,11 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     timings["load_model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    train_pairs, test_pairs, anchor, score, task_source = _task_data(cfg)
     prefix = anchor if cfg.anchored else ""
     vocab = int(model.get_output_embeddings().weight.shape[0])
     task_store = tokenize(train_pairs, tokenizer, what="task", vocab_size=vocab, prompt_prefix=prefix)
-    general_store, general_source = None, None
-    if cfg.method == "tell":
-        general, general_source = general_records(cfg.general, cfg.general_samples)
+    general_store = None
+    if general is not None:
         general_store = tokenize(general, tokenizer, what="general", vocab_size=vocab, max_tokens=cfg.seq_len)
     dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
@@ -229,6 +238,11 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         raise RecipeError(f"the training data packs into {len(dataset)} rows of {cfg.seq_len} tokens, fewer than "
                           f"one global batch ({global_batch} rows): add data or lower --batch-size/--grad-accum")
     timings["data_s"] = time.perf_counter() - t0
+
+    # inputs are valid: now the run directory is created (or reopened) and written
+    with state.main_process_first():
+        out, resume_from = open_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite,
+                                        is_main=state.is_main_process)
 
     def accuracy(m: Any, label: str) -> dict[str, Any]:
         with tqdm(total=len(test_pairs), desc=f"task accuracy ({label})", unit="prompt", disable=not progress) as bar:
@@ -239,6 +253,7 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     before = accuracy(model, "before")
     timings["eval_before_s"] = time.perf_counter() - t0
 
+    set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
     model = attach_lora(model, lora) if cfg.mode == "lora" else model.requires_grad_(True)
     trainable, total = count_parameters(model)
     trainer = NeoTrainer(model=model, args=args, train_dataset=dataset, data_collator=PackedCollator("rows"),

@@ -8,6 +8,7 @@ so nothing written earlier is lost by accident.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from tellneo.recipes.trainer_utils import clean_staging, last_checkpoint
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["TrainSettings", "open_run_dir", "run_training"]
+__all__ = ["TrainSettings", "check_run_dir", "open_run_dir", "run_training"]
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -86,8 +87,6 @@ class TrainSettings:
             seed=self.seed,
             data_seed=self.seed,
             bf16=self.bf16,
-            gradient_checkpointing=self.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if self.gradient_checkpointing else None,
             logging_steps=self.logging_steps,
             logging_first_step=True,
             save_strategy="steps",
@@ -98,8 +97,51 @@ class TrainSettings:
             dataloader_drop_last=True,
             use_cpu=not torch.cuda.is_available(),
         )
+        # transformers >= 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+        names = {f.name for f in dataclasses.fields(TrainingArguments)}
+        prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        kwargs[prefix] = self.gradient_checkpointing
+        kwargs[f"{prefix}_kwargs"] = {"use_reentrant": False} if self.gradient_checkpointing else None
         kwargs.update(overrides)
         return TrainingArguments(**kwargs)
+
+
+def check_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """Everything :func:`open_run_dir` would refuse, checked without writing anything (call it before the slow
+    loading so that a bad ``--output-dir`` fails at once, and a failed start leaves no manifest behind)."""
+    import json
+    import os
+
+    from tellneo.io import config_hash
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PermissionError(f"cannot create output directory {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory {existing} is not writable")
+    manifest = path / "manifest.json"
+    latest = last_checkpoint(path / CHECKPOINTS)
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8")).get("config_hash")
+        except (OSError, ValueError):
+            old = None
+        if old != config_hash(config):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{path} holds a different run (config hash {old}, this one {config_hash(config)}); choose "
+                    "another --output-dir or pass --overwrite")
+            return
+        if not resume and not overwrite and (latest is not None or (path / "summary.json").exists()):
+            what = f"checkpoints up to {latest.name}" if latest is not None else "a finished run"
+            raise RecipeError(f"{path} already holds {what} of this configuration; pass --resume to continue it, "
+                              "--overwrite to start over, or choose another --output-dir")
+    elif (latest is not None or (path / METRICS).exists()) and not overwrite:
+        raise RecipeError(f"{path} holds checkpoints or metrics without a manifest of their run; pass --overwrite "
+                          "to replace them or choose another --output-dir")
 
 
 def open_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
@@ -113,31 +155,17 @@ def open_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, over
     path = Path(path)
     if not is_main:
         return path, last_checkpoint(path / CHECKPOINTS) if resume else None
+    check_run_dir(path, config, resume=resume, overwrite=overwrite)
     out, same = prepare_run_dir(path, config, overwrite=overwrite)
     ckpt_dir = out / CHECKPOINTS
     clean_staging(ckpt_dir)
     latest = last_checkpoint(ckpt_dir)
-    if not same:  # new run (or --overwrite of a different one): drop what belongs to the old run
-        if latest is not None or (out / METRICS).exists():
-            if not overwrite:
-                raise RecipeError(f"{out} holds checkpoints or metrics without a manifest of their run; pass "
-                                  "--overwrite to replace them or choose another --output-dir")
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            (out / METRICS).unlink(missing_ok=True)
-        return out, None
-    if resume:
-        if latest is None:
-            logger.info(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-            (out / METRICS).unlink(missing_ok=True)
+    if resume and same and latest is not None:
         return out, latest
-    if overwrite:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (out / METRICS).unlink(missing_ok=True)
-        return out, None
-    if latest is not None or (out / "summary.json").exists():
-        what = f"checkpoints up to {latest.name}" if latest is not None else "a finished run"
-        raise RecipeError(f"{out} already holds {what} of this configuration; pass --resume to continue it, "
-                          "--overwrite to start over, or choose another --output-dir")
+    if resume and same:
+        logger.info(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    # a fresh start (new directory, --overwrite, or --resume without a checkpoint): old progress files go
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     (out / METRICS).unlink(missing_ok=True)
     return out, None
 
@@ -147,6 +175,15 @@ def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:
     :class:`tellneo.recipes.trainer_utils.InterruptCallback`; returns ``(train output or None, interrupted)``."""
     from tellneo.recipes.trainer_utils import InterruptCallback
 
+    if resume_from is not None and trainer.args.max_steps > 0:
+        from transformers import TrainerState
+
+        state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        if state.global_step >= trainer.args.max_steps:
+            # A finished run: the Trainer would train one step past max_steps; load the final weights instead.
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = state
+            return None, False
     callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, InterruptCallback)), None)
     if callback is None:
         callback = InterruptCallback()

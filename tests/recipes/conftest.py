@@ -51,3 +51,29 @@ def one_thread():
 @pytest.fixture
 def teacher():
     return tiny_teacher()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded model's tokenizer only (chat template included), loaded once."""
+    from tellneo.models import load_causal_lm
+
+    return load_causal_lm(None, tokenizer_only=True)[1]
+
+
+def save_tiny_model_dir(path, tokenizer, *, seed: int = 0, **overrides):
+    """An HF model directory: a tiny random Llama over the given tokenizer's vocabulary (hidden 32), with the
+    tokenizer saved beside it. Returns the path."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(tiny_llama_config(**cfg))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
