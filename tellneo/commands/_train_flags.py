@@ -31,6 +31,10 @@ def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, 
     g.add_argument("--logging-steps", type=int, default=1, help="log (and write metrics.jsonl) every N steps")
     g.add_argument("--save-steps", type=int, default=save_steps, help="save a checkpoint every N steps")
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the newest always)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 = auto: every core on an idle machine, fewer when other processes "
+                        "already keep cores busy (waiting OpenMP threads slow every op down); give N for runs that "
+                        "must be bitwise-reproducible across machine loads")
 
 
 def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -47,6 +51,24 @@ def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     return TrainSettings(**values)
 
 
+def apply_threads(requested: int) -> int:
+    """Set torch's CPU thread count (``requested`` > 0, or auto for 0) and return it."""
+    import os
+
+    import torch
+
+    if requested < 0:
+        from tellneo.cli import UserError
+
+        raise UserError(f"--threads must be >= 0, got {requested}")
+    if requested == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        requested = max(1, min(torch.get_num_threads(), cores - int(busy + 0.5)))
+    torch.set_num_threads(requested)
+    return requested
+
+
 @contextmanager
 def recipe_errors() -> Iterator[None]:
     """Re-raise a recipe's configuration/data errors as the CLI's UserError (one line, exit status 2)."""
@@ -55,6 +77,8 @@ def recipe_errors() -> Iterator[None]:
 
     # transformers/peft deprecation chatter about their own internals is not actionable for a CLI user
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
+    # peft looks for a config.json beside a GGUF-loaded base model to check the vocabulary; there is none
+    warnings.filterwarnings("ignore", message="Could not find a config file in .*", category=UserWarning)
     try:
         yield
     except RecipeError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tellneo.commands._train_flags import add_train_flags, recipe_errors, train_settings
+from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe_errors, train_settings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (longer samples are dropped)")
     g.add_argument("--eval-batch-size", type=int, default=4, help="rows per evaluation batch")
 
-    add_train_flags(p, learning_rate=None, max_steps=40)
+    add_train_flags(p, learning_rate=None, max_steps=24)
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("outputs/distill"), help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             offline_topk=args.offline_topk, eval_batch_size=args.eval_batch_size, save_merged=args.save_merged,
             output_dir=str(args.output_dir), train=train_settings(args, learning_rate=lr),
         )
+        apply_threads(args.threads)
         summary = run_distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print()
     print(summary["table"])
@@ -96,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
           f"{summary['steps']} steps of {summary['global_batch_rows']} x {summary['seq_len']} tokens")
     print(f"time: {t['total_s']:.0f} s in all (training {t['train_s']:.0f} s, evaluation "
           f"{t['eval_before_s'] + t['eval_after_s']:.0f} s, loading {t['load_models_s']:.0f} s)")
+    m0, m1 = summary["machine_at_start"], summary["machine_at_end"]
+    print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores, load average "
+          f"{m0['load_avg_1min']} at the start and {m1['load_avg_1min']} at the end")
     print(f"wrote {args.output_dir}/summary.md, summary.json, metrics.jsonl, loss_curve.png and the "
           f"{'adapter' if args.mode == 'lora' else 'model'}")
     return 0

@@ -27,6 +27,7 @@ from tellneo.recipes.training import (
     check_run_dir,
     open_run_dir,
     run_training,
+    seconds_per_step,
 )
 
 logger = logging.getLogger("tellneo")
@@ -66,7 +67,7 @@ class DistillConfig:
     eval_batch_size: int = 4
     save_merged: bool = False
     output_dir: str = "outputs/distill"
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=40))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=24))
 
     def resolved(self) -> tuple[LoraSettings, KDSettings]:
         if self.preset not in PRESETS:
@@ -153,7 +154,14 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     from tellneo.recipes.evaluate import distill_metrics, eval_batches
     from tellneo.recipes.offline import TopkCollator, TopkDataset, precompute_teacher_topk
     from tellneo.recipes.records import general_records, split_records, tokenize
-    from tellneo.recipes.reporting import markdown_table, plot_loss_curve, save_pretrained_atomic, write_summary
+    from tellneo.recipes.reporting import (
+        StageBar,
+        machine_state,
+        markdown_table,
+        plot_loss_curve,
+        save_pretrained_atomic,
+        write_summary,
+    )
     from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
 
     t_start = time.perf_counter()
@@ -166,26 +174,34 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
     timings: dict[str, float] = {}
 
-    records, source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
-    train_records, eval_records = split_records(records, cfg.eval_samples, cfg.train.seed)
+    machine_start = machine_state()
+    with StageBar(5, "preparing", enabled=progress) as stage:
+        stage("reading data")
+        records, source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
+        train_records, eval_records = split_records(records, cfg.eval_samples, cfg.train.seed)
 
-    t0 = time.perf_counter()
-    teacher, tokenizer = load_causal_lm(cfg.teacher)
-    student, student_info = _load_student(cfg, teacher, tokenizer)
-    timings["load_models_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stage("loading the teacher")
+        teacher, tokenizer = load_causal_lm(cfg.teacher)
+        stage("building the student" if cfg.student is None else "loading the student")
+        student, student_info = _load_student(cfg, teacher, tokenizer)
+        timings["load_models_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    vocab = int(student.get_output_embeddings().weight.shape[0])
-    train_store = tokenize(train_records, tokenizer, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
-    eval_store = tokenize(eval_records, tokenizer, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
-    pad_id = tokenizer.pad_token_id or 0
-    train_ds = PackedDataset(train_store, cfg.seq_len, seed=cfg.train.seed, shuffle=True, pad_id=pad_id)
-    eval_ds = PackedDataset(eval_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
-    if train_ds.steps_per_epoch(cfg.train.batch_size * cfg.train.grad_accum, state.num_processes) == 0:
-        raise RecipeError(f"the training data packs into {len(train_ds)} rows of {cfg.seq_len} tokens, fewer than "
-                          f"one global batch ({global_batch} rows): add data or lower --batch-size/--grad-accum")
-    timings["data_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stage(f"tokenizing {len(records)} records")
+        vocab = int(student.get_output_embeddings().weight.shape[0])
+        train_store = tokenize(train_records, tokenizer, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
+        eval_store = tokenize(eval_records, tokenizer, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
+        stage("packing")
+        pad_id = tokenizer.pad_token_id or 0
+        train_ds = PackedDataset(train_store, cfg.seq_len, seed=cfg.train.seed, shuffle=True, pad_id=pad_id)
+        eval_ds = PackedDataset(eval_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
+        if train_ds.steps_per_epoch(cfg.train.batch_size * cfg.train.grad_accum, state.num_processes) == 0:
+            raise RecipeError(f"the training data packs into {len(train_ds)} rows of {cfg.seq_len} tokens, fewer "
+                              f"than one global batch ({global_batch} rows): add data or lower "
+                              "--batch-size/--grad-accum")
+        timings["data_s"] = time.perf_counter() - t0
 
     # inputs are valid: now the run directory is created (or reopened) and written
     with state.main_process_first():
@@ -266,8 +282,10 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "last_loss": train_rows[-1]["loss"] if train_rows else None,
         "train_runtime_s": getattr(train_output, "metrics", {}).get("train_runtime") if train_output else None,
+        "train_s_per_step": seconds_per_step(timings["train_s"], trainer.state.global_step, resume_from)
+        if train_output is not None else None,
         "timings": {k: round(v, 2) for k, v in timings.items()},
-        "processes": state.num_processes,
+        "processes": state.num_processes, "machine_at_start": machine_start, "machine_at_end": machine_state(),
     }
     table = markdown_table(
         ["held-out metric", "student before", "student after", "teacher"],

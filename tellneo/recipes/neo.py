@@ -285,7 +285,8 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
     """``transformers.Trainer`` for NEO distillation (and for CE-only / full-parameter arms of the same loop).
 
     Args (besides the Trainer's):
-        teacher: the frozen teacher (moved to ``args.device``, put in eval mode, ``requires_grad`` off), or None
+        teacher: the frozen teacher (put in eval mode, ``requires_grad`` off, moved to ``args.device`` unless it
+            was dispatched with a ``device_map``), or None
             for CE only (``kd.alpha == 0``) or offline KD from batches carrying ``teacher_topk_ids`` /
             ``teacher_topk_logprobs`` ``[B, T, k]`` (see :mod:`tellneo.recipes.offline`).
         kd: :class:`KDSettings`.
@@ -315,7 +316,8 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-            teacher.to(self.args.device)
+            if getattr(teacher, "hf_device_map", None) is None:  # a teacher dispatched with device_map stays put
+                teacher.to(self.args.device)
             check_compatible(teacher, self.model)
         # Our loss consumes num_items_in_batch, so let the Trainer count it (over labels[..., 1:]).
         self.model_accepts_loss_kwargs = True

@@ -23,7 +23,7 @@ def general_records(path: str | Path | None, max_samples: int | None = None) -> 
 
     if path is not None:
         records = read_jsonl(path)
-        source = str(path)
+        source = f"{path} (fingerprint {corpus_fingerprint(records)})"
     else:
         records = python_docs_pairs()
         source = f"python-docs pairs (PSF license), fingerprint {corpus_fingerprint(records)}"

@@ -13,7 +13,53 @@ from typing import Any
 
 from tellneo.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["fmt", "markdown_table", "plot_loss_curve", "save_pretrained_atomic", "write_summary"]
+__all__ = ["StageBar", "fmt", "machine_state", "markdown_table", "plot_loss_curve", "save_pretrained_atomic",
+           "write_summary"]
+
+
+class StageBar:
+    """A progress bar over the named setup stages of a run: ``bar("loading teacher")`` starts the next stage."""
+
+    def __init__(self, stages: int, title: str, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.title = title
+        self.bar = tqdm(total=stages, desc=title, unit="stage", disable=not enabled)
+        self.started = False
+
+    def __call__(self, stage: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description(f"{self.title}: {stage}")
+
+    def __enter__(self) -> "StageBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.started and exc[0] is None:
+            self.bar.update(1)
+            self.bar.set_description(f"{self.title}: done")
+        self.bar.close()
+
+
+def machine_state() -> dict[str, Any]:
+    """CPU threads torch uses, the 1-minute load average (what else runs on the machine matters for times), and the
+    process's peak memory so far (resident set; allocated CUDA memory on a GPU)."""
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    state = {"torch_threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "load_avg_1min": round(load, 2),
+             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    try:
+        import resource
+
+        state["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    except (ImportError, OSError):
+        pass
+    if torch.cuda.is_available():
+        state["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return state
 
 
 def fmt(value: Any, digits: int = 4) -> str:

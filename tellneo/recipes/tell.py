@@ -34,6 +34,7 @@ from tellneo.recipes.training import (
     check_run_dir,
     open_run_dir,
     run_training,
+    seconds_per_step,
 )
 
 logger = logging.getLogger("tellneo")
@@ -57,9 +58,9 @@ class TellConfig:
     use_anchor: bool | None = None  # default: True for tell, False for sft
     anchor: str | None = None  # anchor text; None = the generated task's anchor prompt
     spread: str = "stratified"
-    task_ratio: float = 0.2  # fraction of the mixed samples that are task samples (tell)
+    task_ratio: float = 0.5  # fraction of the mixed samples that are task samples (tell)
     general: str | None = None  # general data jsonl; None = pairs from Python's documentation
-    general_samples: int | None = 160
+    general_samples: int | None = 48
     seq_len: int = 512
     window: int = 64  # packing window (samples) that keeps the mixed order
     mode: str = "lora"
@@ -70,7 +71,7 @@ class TellConfig:
     max_new_tokens: int = 16
     eval_batch_size: int = 20
     output_dir: str = "outputs/tell"
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-4, max_steps=-1, epochs=1.0))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=-1, epochs=1.0))
 
     @property
     def anchored(self) -> bool:
@@ -203,7 +204,14 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     from tellneo.recipes.evaluate import task_accuracy
     from tellneo.recipes.neo import KDSettings, NeoTrainer
     from tellneo.recipes.records import general_records, tokenize
-    from tellneo.recipes.reporting import markdown_table, plot_loss_curve, save_pretrained_atomic, write_summary
+    from tellneo.recipes.reporting import (
+        StageBar,
+        machine_state,
+        markdown_table,
+        plot_loss_curve,
+        save_pretrained_atomic,
+        write_summary,
+    )
     from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
 
     t_start = time.perf_counter()
@@ -215,29 +223,36 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         check_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
     timings: dict[str, float] = {}
 
-    train_pairs, test_pairs, anchor, score, task_source = _task_data(cfg)  # bad data fails before loading
-    general, general_source = general_records(cfg.general, cfg.general_samples) if cfg.method == "tell" else \
-        (None, None)
+    machine_start = machine_state()
+    with StageBar(4, "preparing", enabled=progress) as stage:
+        stage("reading data")
+        train_pairs, test_pairs, anchor, score, task_source = _task_data(cfg)  # bad data fails before loading
+        general, general_source = general_records(cfg.general, cfg.general_samples) if cfg.method == "tell" \
+            else (None, None)
 
-    t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(cfg.model)
-    if getattr(model, "is_quantized", False):
-        model = float_copy(model)
-    timings["load_model_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stage("loading the model")
+        model, tokenizer = load_causal_lm(cfg.model)
+        if getattr(model, "is_quantized", False):
+            model = float_copy(model)
+        timings["load_model_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    prefix = anchor if cfg.anchored else ""
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    task_store = tokenize(train_pairs, tokenizer, what="task", vocab_size=vocab, prompt_prefix=prefix)
-    general_store = None
-    if general is not None:
-        general_store = tokenize(general, tokenizer, what="general", vocab_size=vocab, max_tokens=cfg.seq_len)
-    dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0)
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
-    if dataset.steps_per_epoch(global_batch) == 0:
-        raise RecipeError(f"the training data packs into {len(dataset)} rows of {cfg.seq_len} tokens, fewer than "
-                          f"one global batch ({global_batch} rows): add data or lower --batch-size/--grad-accum")
-    timings["data_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stage("tokenizing")
+        prefix = anchor if cfg.anchored else ""
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        task_store = tokenize(train_pairs, tokenizer, what="task", vocab_size=vocab, prompt_prefix=prefix)
+        general_store = None
+        if general is not None:
+            general_store = tokenize(general, tokenizer, what="general", vocab_size=vocab, max_tokens=cfg.seq_len)
+        stage("mixing and packing")
+        dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0)
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
+        if dataset.steps_per_epoch(global_batch) == 0:
+            raise RecipeError(f"the training data packs into {len(dataset)} rows of {cfg.seq_len} tokens, fewer "
+                              f"than one global batch ({global_batch} rows): add data or lower "
+                              "--batch-size/--grad-accum")
+        timings["data_s"] = time.perf_counter() - t0
 
     # inputs are valid: now the run directory is created (or reopened) and written
     with state.main_process_first():
@@ -294,7 +309,10 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "last_loss": train_rows[-1]["loss"] if train_rows else None,
         "train_runtime_s": getattr(train_output, "metrics", {}).get("train_runtime") if train_output else None,
+        "train_s_per_step": seconds_per_step(timings["train_s"], trainer.state.global_step, resume_from)
+        if train_output is not None else None,
         "timings": {k: round(v, 2) for k, v in timings.items()}, "processes": state.num_processes,
+        "machine_at_start": machine_start, "machine_at_end": machine_state(),
     }
     table = markdown_table(
         ["held-out task metric", "before", "after"],

@@ -23,7 +23,7 @@ from tellneo.recipes.trainer_utils import clean_staging, last_checkpoint
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["TrainSettings", "check_run_dir", "open_run_dir", "run_training"]
+__all__ = ["TrainSettings", "check_run_dir", "open_run_dir", "run_training", "seconds_per_step"]
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -168,6 +168,13 @@ def open_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, over
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     (out / METRICS).unlink(missing_ok=True)
     return out, None
+
+
+def seconds_per_step(seconds: float, global_step: int, resumed_from: Path | None) -> float | None:
+    """Wall seconds per optimizer step trained in this session (a resumed run started at ``checkpoint-N``)."""
+    start = int(Path(resumed_from).name.rsplit("-", 1)[1]) if resumed_from is not None else 0
+    steps = global_step - start
+    return round(seconds / steps, 3) if steps > 0 else None
 
 
 def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:

@@ -178,4 +178,20 @@ def test_help_explains_every_flag(capsys):
                  "--grad-accum", "--learning-rate", "--bf16", "--gradient-checkpointing", "--output-dir", "--resume",
                  "--overwrite", "--seed"):
         assert flag in text
-    assert "(default: every_other)" in text and "(default: 40)" in text and "(default: outputs/distill)" in text
+    assert "(default: every_other)" in text and "(default: 24)" in text and "(default: outputs/distill)" in text
+
+
+def test_threads_flag():
+    from tellneo.cli import UserError
+    from tellneo.commands._train_flags import apply_threads
+
+    previous = torch.get_num_threads()
+    try:
+        assert apply_threads(3) == 3 and torch.get_num_threads() == 3
+        torch.set_num_threads(previous)
+        auto = apply_threads(0)
+        assert 1 <= auto <= previous and torch.get_num_threads() == auto
+        with pytest.raises(UserError):
+            apply_threads(-1)
+    finally:
+        torch.set_num_threads(previous)

@@ -21,6 +21,7 @@ def one_thread():
 def tell_args(tiny_model_dir, general_jsonl, out, *extra):
     return ["tell", "--model", str(tiny_model_dir), "--general", str(general_jsonl), "--task-samples", "8",
             "--test-samples", "4", "--seq-len", "256", "--max-steps", "3", "--max-new-tokens", "4",
+            "--general-samples", "80", "--task-ratio", "0.2",
             "--output-dir", str(out), "--quiet", *extra]
 
 
