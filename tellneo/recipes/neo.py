@@ -295,8 +295,8 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
     ``position_ids`` (packed rows: samples are isolated when there is no ``attention_mask``) and
     ``attention_mask``. ``compute_loss`` takes the student's final hidden states (the model is called through its
     wrappers with ``logits_to_keep`` empty, so no logits) and the teacher's (its decoder body under ``no_grad``),
-    shifts the labels left by one (position t predicts token t+1; CE and KD share that one mask) and calls
-    :func:`tellneo.ops.fused_linear_kd` with both ``lm_head`` weights.
+    shifts the labels left by one (position t predicts token t+1; CE and KD share that one mask), keeps the rows
+    of trained positions only and calls :func:`tellneo.ops.fused_linear_kd` with both ``lm_head`` weights.
 
     Normalisation: the Trainer counts the trained tokens of the whole accumulated (and, under DDP, gathered)
     batch into ``num_items_in_batch``; the loss is divided by it, so gradient accumulation and DDP give the
@@ -343,6 +343,14 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
             else:
                 raise ValueError("NeoTrainer: kd.alpha > 0 needs a teacher model or batches with teacher top-k "
                                  f"({TOPK_IDS}, {TOPK_LOGPROBS}); use alpha=0 for CE only")
+        # Only trained positions reach the output heads: prompt, padding and sample-boundary rows (label -100)
+        # would contribute neither CE nor KD but cost two [rows, vocab] projections each.
+        valid = shifted != -100
+        student_hidden, shifted = student_hidden[valid], shifted[valid]
+        if teacher_hidden is not None:
+            teacher_hidden = teacher_hidden[valid]
+        if topk is not None:
+            topk = (topk[0][valid], topk[1][valid])
         out = self._fused_loss(model, student_hidden, shifted, teacher_hidden, teacher_weight, teacher_bias, topk,
                                num_items_in_batch)
         loss = out.loss
