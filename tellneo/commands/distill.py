@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         )
         apply_threads(args.threads)
         summary = run_distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if not summary["main_process"]:
+        return 0
     print()
     print(summary["table"])
     t = summary["timings"]

@@ -168,7 +168,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     lora, kd = cfg.resolved()
     manifest = cfg.manifest()
     out = Path(cfg.output_dir)
-    args = cfg.train.training_arguments(out / CHECKPOINTS)
+    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress)
     state = PartialState()
     if state.is_main_process:
         check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
@@ -299,6 +299,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     if state.is_main_process:
         write_summary(out, summary, table)
     summary["table"] = table
+    summary["main_process"] = state.is_main_process  # under torchrun only rank 0 reports
     return summary
 
 

@@ -217,7 +217,7 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     t_start = time.perf_counter()
     lora = cfg.validate()
     out = Path(cfg.output_dir)
-    args = cfg.train.training_arguments(out / CHECKPOINTS)
+    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress)
     state = PartialState()
     if state.is_main_process:
         check_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
@@ -322,5 +322,6 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     if state.is_main_process:
         write_summary(out, summary, table)
     summary["table"] = table
+    summary["main_process"] = state.is_main_process  # under torchrun only rank 0 reports
     return summary
 

@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def general_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("general") / "general.jsonl"
-    rows = [{"prompt": f"Tell me about the number {i}.", "response": f"The number {i} is " + "quite nice. " * (1 + i % 5)}
-            for i in range(80)]
+    rows = [{"prompt": f"Tell me about the number {i}.",
+             "response": f"The number {i} is " + "quite nice. " * (1 + i % 5)} for i in range(80)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
