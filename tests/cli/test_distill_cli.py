@@ -13,14 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tellneo.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tests.recipes.helpers import general_jsonl, one_thread, tiny_model_dir  # noqa: F401 (fixtures)
 
 
 def distill_args(tiny_model_dir, general_jsonl, out, *extra):
@@ -149,7 +142,7 @@ def test_bad_inputs_give_one_clear_message(tmp_path, tiny_model_dir, general_jso
 def test_tokenizer_mismatch_is_refused(tmp_path, tiny_model_dir, general_jsonl, capsys):
     from transformers import AutoTokenizer
 
-    from tests.recipes.conftest import save_tiny_model_dir
+    from tests.recipes.helpers import save_tiny_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.add_tokens(["<tellneo-extra>"])

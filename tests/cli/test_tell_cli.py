@@ -5,17 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tellneo.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tests.recipes.helpers import general_jsonl, one_thread, tiny_model_dir  # noqa: F401 (fixtures)
 
 
 def tell_args(tiny_model_dir, general_jsonl, out, *extra):

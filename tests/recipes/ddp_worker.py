@@ -44,7 +44,7 @@ def run(out: Path, single: bool) -> None:
     from tellneo.recipes.common import LoraSettings, attach_lora
     from tellneo.recipes.neo import KDSettings, NeoTrainer, build_student
     from tellneo.recipes.training import TrainSettings
-    from tests.recipes.conftest import learnable_store, tiny_teacher
+    from tests.recipes.helpers import learnable_store, tiny_teacher
 
     torch.set_num_threads(1)
     teacher = tiny_teacher()

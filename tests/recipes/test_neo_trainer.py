@@ -14,7 +14,7 @@ from tellneo.recipes.common import LoraSettings, attach_lora
 from tellneo.recipes.neo import KDSettings, NeoTrainer, build_student
 from tellneo.recipes.trainer_utils import MetricsJsonlCallback, last_checkpoint, read_metrics
 from tellneo.recipes.training import TrainSettings
-from tests.recipes.conftest import learnable_store, tiny_teacher
+from tests.recipes.helpers import learnable_store, one_thread, tiny_teacher  # noqa: F401 (fixture)
 
 
 def make_trainer(tmp_path, *, teacher=None, kd=KDSettings(), lora=LoraSettings(r=4, alpha=8, dropout=0.0),

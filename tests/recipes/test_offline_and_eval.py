@@ -15,7 +15,7 @@ from tellneo.recipes.evaluate import distill_metrics, eval_batches
 from tellneo.recipes.neo import KDSettings, NeoTrainer, build_student
 from tellneo.recipes.offline import TopkCollator, TopkDataset, precompute_teacher_topk
 from tellneo.recipes.training import TrainSettings
-from tests.recipes.conftest import VOCAB, learnable_store, tiny_teacher
+from tests.recipes.helpers import VOCAB, learnable_store, one_thread, tiny_teacher  # noqa: F401 (fixture)
 
 
 def test_offline_topk_with_full_vocab_equals_online_kd(tmp_path):

@@ -12,6 +12,7 @@ from tellneo.recipes.evaluate import distill_metrics, eval_batches
 from tellneo.recipes.neo import KDSettings, NeoTrainer, build_student, check_compatible
 from tellneo.recipes.records import tokenize
 from tellneo.recipes.training import TrainSettings
+from tests.recipes.helpers import one_thread  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

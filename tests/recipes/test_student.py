@@ -16,7 +16,7 @@ from tellneo.recipes.neo import (
     parse_layers,
     select_layers,
 )
-from tests.recipes.conftest import tiny_teacher
+from tests.recipes.helpers import one_thread, tiny_teacher  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize(

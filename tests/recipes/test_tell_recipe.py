@@ -11,7 +11,7 @@ from tellneo.recipes.evaluate import render_prompt, task_accuracy
 from tellneo.recipes.neo import KDSettings, NeoTrainer
 from tellneo.recipes.tell import TellConfig, build_tell_dataset, task_exposure
 from tellneo.recipes.training import TrainSettings
-from tests.recipes.conftest import tiny_teacher
+from tests.recipes.helpers import one_thread, smollm2_tokenizer, tiny_teacher  # noqa: F401 (fixtures)
 
 
 def stores(n_task=6, n_general=60, seed=0):

@@ -1,6 +1,18 @@
-"""Tiny models and learnable data for the recipe tests."""
+"""Tiny models, learnable data and fixtures shared by the recipe and training-command tests.
+
+A plain module, not a conftest.py (another test imports ``tiny_llama_config`` with ``from conftest import``, which
+a second conftest module would shadow): test modules import the fixtures they use from here. Session-wide
+artefacts are cached in this module, so modules that import the same fixture share one copy.
+"""
 
 from __future__ import annotations
+
+import atexit
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +52,7 @@ def learnable_store(n: int = 48, seed: int = 0, prompt: int = 3) -> TokenStore:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread():  # import it into a test module to apply it there
     """Tiny models run far faster on one thread, especially on a shared machine (no OpenMP barrier waits)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -48,17 +60,41 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture
-def teacher():
-    return tiny_teacher()
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    """The embedded model's tokenizer only (chat template included), loaded once."""
+@functools.cache
+def _smollm2_tokenizer():
     from tellneo.models import load_causal_lm
 
     return load_causal_lm(None, tokenizer_only=True)[1]
+
+
+@pytest.fixture
+def smollm2_tokenizer():
+    """The embedded model's tokenizer only (chat template included), loaded once per session. Do not modify."""
+    return _smollm2_tokenizer()
+
+
+@functools.cache
+def _tiny_model_dir() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="tellneo-tiny-model-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return save_tiny_model_dir(root / "model", _smollm2_tokenizer())
+
+
+@pytest.fixture
+def tiny_model_dir() -> Path:
+    """A 4-layer, hidden-32 random Llama with the embedded model's tokenizer (vocab 49152), saved as an HF dir
+    once per session. Read only."""
+    return _tiny_model_dir()
+
+
+@pytest.fixture
+def general_jsonl(tmp_path) -> Path:
+    """80 short prompt/response records."""
+    path = tmp_path / "general.jsonl"
+    rows = [{"prompt": f"Tell me about the number {i}.",
+             "response": f"The number {i} is " + "quite nice. " * (1 + i % 5)} for i in range(80)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def save_tiny_model_dir(path, tokenizer, *, seed: int = 0, **overrides):
