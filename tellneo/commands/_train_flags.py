@@ -1,0 +1,85 @@
+"""Training flags shared by ``tellneo distill`` and ``tellneo tell``, and the mapping of recipe errors to the
+CLI's one-line user errors."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, max_steps: int,
+                    batch_size: int = 2, save_steps: int = 25, lr_help: str = "") -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=int, default=max_steps,
+                   help="optimizer steps to train (-1: train --epochs epochs instead)")
+    g.add_argument("--epochs", type=float, default=1.0, help="epochs over the training data when --max-steps is -1")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="packed rows per device per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
+    g.add_argument("--learning-rate", "--lr", type=float, default=learning_rate,
+                   help=lr_help or "peak learning rate (default: from --preset)")
+    g.add_argument("--lr-scheduler", default="cosine",
+                   choices=["cosine", "linear", "constant", "constant_with_warmup"], help="learning-rate schedule")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps spent warming up")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and held-out split")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    g.add_argument("--logging-steps", type=int, default=1, help="log (and write metrics.jsonl) every N steps")
+    g.add_argument("--save-steps", type=int, default=save_steps, help="save a checkpoint every N steps")
+    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the newest always)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 = auto: every core on an idle machine, fewer when other processes "
+                        "already keep cores busy (waiting OpenMP threads slow every op down); give N for runs that "
+                        "must be bitwise-reproducible across machine loads")
+
+
+def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from tellneo.recipes.training import TrainSettings
+
+    values = dict(
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps, epochs=args.epochs,
+        learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, logging_steps=args.logging_steps,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+    )
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def apply_threads(requested: int) -> int:
+    """Set torch's CPU thread count (``requested`` > 0, or auto for 0) and return it."""
+    import os
+
+    import torch
+
+    if requested < 0:
+        from tellneo.cli import UserError
+
+        raise UserError(f"--threads must be >= 0, got {requested}")
+    if requested == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        requested = max(1, min(torch.get_num_threads(), cores - int(busy + 0.5)))
+    torch.set_num_threads(requested)
+    return requested
+
+
+@contextmanager
+def recipe_errors() -> Iterator[None]:
+    """Re-raise a recipe's configuration/data errors as the CLI's UserError (one line, exit status 2)."""
+    from tellneo.cli import UserError
+    from tellneo.recipes.common import RecipeError
+
+    # transformers/peft deprecation chatter about their own internals is not actionable for a CLI user
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
+    # peft looks for a config.json beside a GGUF-loaded base model to check the vocabulary; there is none
+    warnings.filterwarnings("ignore", message="Could not find a config file in .*", category=UserWarning)
+    try:
+        yield
+    except RecipeError as exc:
+        raise UserError(str(exc)) from None

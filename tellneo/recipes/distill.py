@@ -1,0 +1,327 @@
+"""The NEO distillation run behind ``tellneo distill``: load the teacher, build (or load) the student, tokenize and
+pack general instruction data, evaluate, train with :class:`tellneo.recipes.neo.NeoTrainer`, evaluate again and
+write the run directory (see :mod:`tellneo.recipes.training`).
+
+``run_distill(DistillConfig(...))`` is the Python entry point; every field has the CLI flag of the same name. The
+arms of the NEO experiments are configurations of it: ``mode="lora", alpha=0`` (plain LoRA SFT), ``mode="lora"``
+(NEO), ``mode="full"`` (full-parameter KD) and ``mode="full", alpha=0`` (full-parameter CE).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
+from tellneo.recipes.neo import NEO_PRESET, KDSettings, NeoTrainer, build_student, check_compatible, parse_layers
+from tellneo.recipes.training import (
+    CHECKPOINTS,
+    METRICS,
+    TrainSettings,
+    check_run_dir,
+    open_run_dir,
+    run_training,
+    seconds_per_step,
+)
+
+logger = logging.getLogger("tellneo")
+
+__all__ = ["DistillConfig", "load_distilled_student", "run_distill"]
+
+PRESETS = ("default", "neo")
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run depends on (also its manifest: a different config is a different run).
+
+    ``None`` loss/LoRA/optimiser fields take the preset's value: ``preset="default"`` is LoRA rank 16, alpha 32,
+    dropout 0.05, KD weight 0.5, forward KL, T = 1, lr 1e-3 (a short CPU run); ``preset="neo"`` is
+    :data:`tellneo.recipes.neo.NEO_PRESET` (rank 64, alpha 128, dropout 0, lr 2e-4, cosine, 10% warm-up).
+    """
+
+    teacher: str | None = None  # GGUF file or HF directory; None = the embedded SmolLM2-135M-Instruct
+    student: str | None = None  # an existing student (same tokenizer); None = build_student(teacher, layers)
+    layers: str = "every_other"
+    data: str | None = None  # general data jsonl; None = pairs from Python's documentation
+    max_samples: int | None = 1200
+    eval_samples: int = 24
+    seq_len: int = 512
+    mode: str = "lora"  # "lora" or "full"
+    preset: str = "default"
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    fused_lora: bool = True
+    alpha: float | None = None
+    temperature: float | None = None
+    divergence: str | None = None
+    beta: float = 0.5
+    offline_topk: int = 0  # > 0: precompute the teacher's top-k once and train without the teacher
+    eval_batch_size: int = 4
+    save_merged: bool = False
+    output_dir: str = "outputs/distill"
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=24))
+
+    def resolved(self) -> tuple[LoraSettings, KDSettings]:
+        if self.preset not in PRESETS:
+            raise RecipeError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.mode not in ("lora", "full"):
+            raise RecipeError(f"mode must be 'lora' or 'full', got {self.mode!r}")
+        base_lora = NEO_PRESET.lora if self.preset == "neo" else LoraSettings()
+        base_kd = NEO_PRESET.kd if self.preset == "neo" else KDSettings()
+        try:
+            lora = LoraSettings(
+                r=self.lora_r if self.lora_r is not None else base_lora.r,
+                alpha=self.lora_alpha if self.lora_alpha is not None else (
+                    2.0 * self.lora_r if self.preset == "neo" and self.lora_r is not None else base_lora.alpha),
+                dropout=self.lora_dropout if self.lora_dropout is not None else base_lora.dropout,
+                patch=self.fused_lora,
+            )
+            kd = KDSettings(
+                alpha=self.alpha if self.alpha is not None else base_kd.alpha,
+                temperature=self.temperature if self.temperature is not None else base_kd.temperature,
+                divergence=self.divergence or base_kd.divergence,
+                beta=self.beta,
+            )
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        if self.seq_len < 16:
+            raise RecipeError(f"seq-len must be at least 16, got {self.seq_len}")
+        if self.eval_samples <= 0:
+            raise RecipeError(f"eval-samples must be positive, got {self.eval_samples}")
+        if self.offline_topk < 0:
+            raise RecipeError(f"offline-topk must be >= 0, got {self.offline_topk}")
+        return lora, kd
+
+    def manifest(self) -> dict[str, Any]:
+        lora, kd = self.resolved()
+        d = asdict(self)
+        d.pop("output_dir")
+        d["resolved_lora"] = lora.to_dict() if self.mode == "lora" else None
+        d["resolved_kd"] = asdict(kd)
+        return d
+
+
+def _load_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    from tellneo.models import load_causal_lm
+
+    if cfg.student is None:
+        layers, keep = parse_layers(cfg.layers)
+        try:
+            student = build_student(teacher, layers, keep=keep)
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"cannot build a student from the teacher: {exc}") from None
+        info = {"source": "layer-dropped teacher", "layers": list(student.config.tellneo_teacher_layers)}
+    else:
+        student, student_tokenizer = load_causal_lm(cfg.student)
+        check_compatible(teacher, student, tokenizer, student_tokenizer)
+        if getattr(student, "is_quantized", False):
+            student = float_copy(student)
+        info = {"source": str(cfg.student), "layers": None}
+    check_compatible(teacher, student)
+    info["num_layers"] = int(student.config.num_hidden_layers)
+    return student, info
+
+
+def _epochs_needed(train: TrainSettings, rows: int, global_batch: int) -> int:
+    steps_per_epoch = max(1, rows // global_batch)
+    if train.max_steps > 0:
+        return math.ceil(train.max_steps / steps_per_epoch)
+    return math.ceil(train.epochs)
+
+
+def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+                ) -> dict[str, Any]:
+    """Run NEO distillation as configured; returns the summary (also written to ``summary.json``).
+
+    Raises RecipeError (bad configuration or data), DataFileError (bad jsonl), ModelNotFoundError (missing or
+    unreadable model), FileExistsError / PermissionError (output directory), KeyboardInterrupt after a Ctrl-C
+    (a checkpoint of the last finished step is saved: rerun with ``resume=True``).
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    from tellneo.data import PackedCollator, PackedDataset
+    from tellneo.models import load_causal_lm
+    from tellneo.recipes.evaluate import distill_metrics, eval_batches
+    from tellneo.recipes.offline import TopkCollator, TopkDataset, precompute_teacher_topk
+    from tellneo.recipes.records import general_records, split_records, tokenize
+    from tellneo.recipes.reporting import (
+        StageBar,
+        machine_state,
+        markdown_table,
+        plot_loss_curve,
+        save_pretrained_atomic,
+        write_summary,
+    )
+    from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
+
+    t_start = time.perf_counter()
+    lora, kd = cfg.resolved()
+    manifest = cfg.manifest()
+    out = Path(cfg.output_dir)
+    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress)
+    state = PartialState()
+    if state.is_main_process:
+        check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
+    timings: dict[str, float] = {}
+
+    machine_start = machine_state()
+    with StageBar(5, "preparing", enabled=progress) as stage:
+        stage("reading data")
+        records, source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
+        train_records, eval_records = split_records(records, cfg.eval_samples, cfg.train.seed)
+
+        t0 = time.perf_counter()
+        stage("loading the teacher")
+        teacher, tokenizer = load_causal_lm(cfg.teacher)
+        stage("building the student" if cfg.student is None else "loading the student")
+        student, student_info = _load_student(cfg, teacher, tokenizer)
+        timings["load_models_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stage(f"tokenizing {len(records)} records")
+        vocab = int(student.get_output_embeddings().weight.shape[0])
+        train_store = tokenize(train_records, tokenizer, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
+        eval_store = tokenize(eval_records, tokenizer, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
+        stage("packing")
+        pad_id = tokenizer.pad_token_id or 0
+        train_ds = PackedDataset(train_store, cfg.seq_len, seed=cfg.train.seed, shuffle=True, pad_id=pad_id)
+        eval_ds = PackedDataset(eval_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
+        if train_ds.steps_per_epoch(cfg.train.batch_size * cfg.train.grad_accum, state.num_processes) == 0:
+            raise RecipeError(f"the training data packs into {len(train_ds)} rows of {cfg.seq_len} tokens, fewer "
+                              f"than one global batch ({global_batch} rows): add data or lower "
+                              "--batch-size/--grad-accum")
+        timings["data_s"] = time.perf_counter() - t0
+
+    # inputs are valid: now the run directory is created (or reopened) and written
+    with state.main_process_first():
+        out, resume_from = open_run_dir(out, manifest, resume=resume, overwrite=overwrite,
+                                        is_main=state.is_main_process)
+
+    dataset, collator, extra = train_ds, PackedCollator("rows"), None
+    if cfg.offline_topk > 0 and kd.alpha > 0:
+        t0 = time.perf_counter()
+        epochs = list(range(_epochs_needed(cfg.train, len(train_ds), global_batch)))
+        with state.main_process_first():
+            if state.is_main_process:
+                precompute_teacher_topk(teacher, train_ds, out / "teacher_topk" / "train", k=cfg.offline_topk,
+                                        temperature=kd.temperature, epochs=epochs, vocab_size=vocab,
+                                        progress=progress)
+                precompute_teacher_topk(teacher, eval_ds, out / "teacher_topk" / "eval", k=cfg.offline_topk,
+                                        temperature=kd.temperature, vocab_size=vocab, progress=progress)
+        dataset = TopkDataset(train_ds, out / "teacher_topk" / "train")
+        eval_topk = TopkDataset(eval_ds, out / "teacher_topk" / "eval")
+        extra = eval_topk.topk
+        collator = TopkCollator()
+        del teacher
+        teacher = None
+        timings["teacher_topk_s"] = time.perf_counter() - t0
+
+    def evaluate(model: Any, label: str, cache: dict[int, torch.Tensor]) -> dict[str, float]:
+        n_batches = math.ceil(len(eval_ds) / cfg.eval_batch_size)
+        with tqdm(total=n_batches, desc=f"evaluating ({label})", unit="batch", disable=not progress) as bar:
+            return distill_metrics(model, eval_batches(eval_ds, cfg.eval_batch_size, extra=extra), teacher=teacher,
+                                   teacher_cache=cache, temperature=kd.temperature, progress=bar)
+
+    teacher_cache: dict[int, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    before = evaluate(student, "before", teacher_cache)
+    timings["eval_before_s"] = time.perf_counter() - t0
+
+    set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
+    if cfg.mode == "lora":
+        model = attach_lora(student, lora)
+    else:
+        model = student.requires_grad_(True)
+    trainable, total = count_parameters(model)
+
+    trainer = NeoTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, teacher=teacher,
+                         kd=kd, callbacks=[MetricsJsonlCallback(out / METRICS)])
+    t0 = time.perf_counter()
+    train_output, interrupted = run_training(trainer, resume_from)
+    timings["train_s"] = time.perf_counter() - t0
+    metrics = read_metrics(out / METRICS) if state.is_main_process else []
+    title = f"tellneo distill: {cfg.mode} student ({student_info['num_layers']} layers), KD weight {kd.alpha}"
+    if state.is_main_process:
+        plot_loss_curve(metrics, out / "loss_curve.png", title=title)
+    if interrupted:
+        raise KeyboardInterrupt(f"training interrupted at step {trainer.state.global_step}; a checkpoint is in "
+                                f"{out / CHECKPOINTS}: rerun with --resume to continue")
+
+    t0 = time.perf_counter()
+    after = evaluate(model, "after", teacher_cache)
+    timings["eval_after_s"] = time.perf_counter() - t0
+
+    if state.is_main_process:
+        t0 = time.perf_counter()
+        save_pretrained_atomic(model, out / ("adapter" if cfg.mode == "lora" else "model"), tokenizer)
+        if cfg.save_merged and cfg.mode == "lora":
+            save_pretrained_atomic(model.merge_and_unload(), out / "merged", tokenizer)
+        timings["save_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    train_rows = [r for r in metrics if "loss" in r]
+    summary = {
+        "recipe": "neo", "mode": cfg.mode, "teacher": cfg.teacher or "embedded SmolLM2-135M-Instruct",
+        "student": student_info, "data": source, "train_records": len(train_records),
+        "eval_records": len(eval_records), "train_rows_per_epoch": len(train_ds), "eval_tokens": before["tokens"],
+        "steps": trainer.state.global_step, "global_batch_rows": global_batch, "seq_len": cfg.seq_len,
+        "trained_tokens_per_epoch": int((train_store.labels != -100).sum()),
+        "lora": lora.to_dict() if cfg.mode == "lora" else None, "kd": asdict(kd),
+        "learning_rate": cfg.train.learning_rate, "trainable_parameters": trainable, "total_parameters": total,
+        "before": before, "after": after,
+        "first_loss": train_rows[0]["loss"] if train_rows else None,
+        "last_loss": train_rows[-1]["loss"] if train_rows else None,
+        "train_runtime_s": getattr(train_output, "metrics", {}).get("train_runtime") if train_output else None,
+        "train_s_per_step": seconds_per_step(timings["train_s"], trainer.state.global_step, resume_from)
+        if train_output is not None else None,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "processes": state.num_processes, "machine_at_start": machine_start, "machine_at_end": machine_state(),
+    }
+    table = markdown_table(
+        ["held-out metric", "student before", "student after", "teacher"],
+        [["cross-entropy (nats/token)", before["ce"], after["ce"], before["teacher_ce"]],
+         ["perplexity", before["ppl"], after["ppl"], math.exp(before["teacher_ce"])
+          if not math.isnan(before["teacher_ce"]) else float("nan")],
+         ["KL(teacher || student)", before["kl"], after["kl"], 0.0 if teacher is not None else float("nan")],
+         ["top-1 agreement with teacher", before["top1_agreement"], after["top1_agreement"],
+          1.0 if teacher is not None else float("nan")]],
+    )
+    if state.is_main_process:
+        write_summary(out, summary, table)
+    summary["table"] = table
+    summary["main_process"] = state.is_main_process  # under torchrun only rank 0 reports
+    return summary
+
+
+def load_distilled_student(run_dir: str | Path) -> Any:
+    """Rebuild the trained student of a ``tellneo distill`` run: the full model (``mode="full"``), or the student
+    base (rebuilt from the teacher and the recorded layers, or loaded from ``student``) with the saved LoRA
+    adapter. Returns the model in eval mode."""
+    import json
+
+    from tellneo.models import load_causal_lm
+
+    run = Path(run_dir)
+    config = json.loads((run / "manifest.json").read_text(encoding="utf-8"))["config"]
+    if config["mode"] == "full":
+        model, _ = load_causal_lm(run / "model")
+        return model.eval()
+    from peft import PeftModel
+
+    teacher, _ = load_causal_lm(config["teacher"])
+    if config["student"] is None:
+        layers, keep = parse_layers(config["layers"])
+        base = build_student(teacher, layers, keep=keep)
+    else:
+        base, _ = load_causal_lm(config["student"])
+    return PeftModel.from_pretrained(base, run / "adapter").eval()

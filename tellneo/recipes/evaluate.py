@@ -1,0 +1,206 @@
+"""Evaluation helpers for the recipes.
+
+* :func:`distill_metrics` — on held-out packed rows: the student's cross-entropy, the KL from the teacher
+  (``KL(p_teacher || q_student)`` per trained token) and top-1 agreement with the teacher, plus the teacher's own
+  CE for reference. Nothing of size ``[tokens, vocab]`` is kept: the losses come from
+  :func:`tellneo.ops.fused_linear_kd` and the arg-maxes from token chunks.
+* :func:`task_accuracy` — greedy generation on prompt/response pairs and exact-match scoring (TELL).
+* :func:`eval_batches` — held-out rows of a :class:`tellneo.data.PackedDataset` as model inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tellneo.ops import fused_linear_kd
+from tellneo.recipes.common import output_head, teacher_hidden_state
+
+__all__ = ["distill_metrics", "eval_batches", "render_prompt", "task_accuracy"]
+
+_TOPK_IDS, _TOPK_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"
+
+
+def eval_batches(dataset: Any, batch_size: int, *, extra: Callable[[Sequence[int]], dict[str, Any]] | None = None
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """All rows of ``dataset`` (a PackedDataset's current epoch, in order) as ``{"input_ids", "labels",
+    "position_ids"}`` batches of ``[<=batch_size, seq_len]``; ``extra(indices)`` may add columns (e.g. top-k)."""
+    for first in range(0, len(dataset), batch_size):
+        idx = list(range(first, min(len(dataset), first + batch_size)))
+        out = dataset.batch(idx)
+        batch = {k: out[k] for k in ("input_ids", "labels", "position_ids")}
+        if extra is not None:
+            batch.update(extra(idx))
+        yield batch
+
+
+def _dense_sums(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, th: torch.Tensor, tw: torch.Tensor,
+                tb: torch.Tensor | None, labels: torch.Tensor, temperature: float, chunk: int) -> dict[str, float]:
+    """Sums over rows of CE, KL(teacher || student), top-1 agreement and teacher CE, from ``[chunk, V]`` logits."""
+    vocab = sw.shape[0]
+    sums = dict.fromkeys(("ce", "kl", "agree", "teacher_ce"), 0.0)
+    for a in range(0, sh.shape[0], chunk):
+        z = F.linear(sh[a : a + chunk], sw, sb).float()
+        u_full = F.linear(th[a : a + chunk], tw, tb).float()
+        u = u_full[:, :vocab]  # a padded teacher head is compared on the shared ids, as in training
+        lab = labels[a : a + chunk, None]
+        sums["ce"] += float((torch.logsumexp(z, -1) - z.gather(1, lab)[:, 0]).sum())
+        sums["teacher_ce"] += float((torch.logsumexp(u_full, -1) - u_full.gather(1, lab)[:, 0]).sum())
+        log_q = torch.log_softmax(z / temperature, -1)
+        log_p = torch.log_softmax(u / temperature, -1)
+        sums["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+        sums["agree"] += float((z.argmax(-1) == u.argmax(-1)).sum())
+    return sums
+
+
+@torch.no_grad()
+def distill_metrics(
+    student: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    teacher: nn.Module | None = None,
+    teacher_cache: dict[int, torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    chunk: int = 512,
+    progress: Any = None,
+) -> dict[str, float]:
+    """Held-out metrics of ``student`` against ``teacher`` over the trained tokens of ``batches``.
+
+    Batches: ``input_ids`` / ``labels`` (unshifted, -100 = not evaluated) ``[B, T]`` and optional
+    ``position_ids``. Without a teacher they may carry offline ``teacher_topk_ids`` / ``_logprobs``: ``kl`` is
+    then the top-k bucket KL of :func:`tellneo.ops.fused_linear_kd` (a lower bound of the full KL) and agreement
+    uses the teacher's top-1 id.
+
+    ``teacher_cache``: a dict kept between calls (e.g. before and after training) that stores the teacher's
+    hidden states of the trained positions per batch index, so the teacher's decoder runs only once.
+
+    Returns ``{"ce", "ppl", "kl", "top1_agreement", "teacher_ce", "tokens"}``: per-token means (``kl`` at
+    ``temperature``), entries that need a teacher are NaN without one. Logits exist only in ``[chunk, V]``
+    pieces. The student is put in eval mode and restored afterwards.
+    """
+    was_training = student.training
+    student.eval()
+    if teacher is not None:
+        teacher.eval()
+    sw, sb = output_head(student)
+    tw = tb = None
+    if teacher is not None:
+        tw, tb = output_head(teacher)
+    sums = dict.fromkeys(("ce", "kl", "agree", "teacher_ce"), 0.0)
+    tokens = 0
+    mode = "none"
+    device = sw.device
+    try:
+        for index, batch in enumerate(batches):
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+            labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).to(device)
+            valid = labels != -100
+            n = int(valid.sum())
+            if n == 0:
+                continue
+            sh = teacher_hidden_state(student, inputs)[valid].to(sw.dtype)
+            lab = labels[valid]
+            if teacher is not None:
+                th = teacher_cache.get(index) if teacher_cache is not None else None
+                if th is None:
+                    th = teacher_hidden_state(teacher, inputs)[valid].to(tw.dtype)
+                    if teacher_cache is not None:
+                        teacher_cache[index] = th
+                part = _dense_sums(sh, sw, sb, th, tw, tb, lab, temperature, chunk)
+                mode = "dense"
+            elif _TOPK_IDS in batch:
+                ids, lps = batch[_TOPK_IDS].to(device)[valid], batch[_TOPK_LOGPROBS].to(device)[valid]
+                out = fused_linear_kd(sh, sw, None, None, lab, student_bias=sb, teacher_topk=(ids, lps),
+                                      temperature=temperature, alpha=0.5, reduction="sum", return_parts=True)
+                top1 = torch.cat([F.linear(sh[a : a + chunk], sw, sb).argmax(-1) for a in range(0, n, chunk)])
+                part = {"ce": float(out.ce), "kl": float(out.kd), "agree": float((top1 == ids[:, 0]).sum()),
+                        "teacher_ce": 0.0}
+                mode = "topk"
+            else:
+                part = {"ce": float(fused_linear_kd(sh, sw, None, None, lab, student_bias=sb, alpha=0.0,
+                                                    reduction="sum"))}
+            for key, value in part.items():
+                sums[key] += value
+            tokens += n
+            if progress is not None:
+                progress.update(1)
+    finally:
+        student.train(was_training)
+    if tokens == 0:
+        raise ValueError("the evaluation data holds no trained tokens (every label is -100)")
+    nan = float("nan")
+    ce = sums["ce"] / tokens
+    return {
+        "ce": ce,
+        "ppl": math.exp(min(ce, 50.0)),
+        "kl": sums["kl"] / tokens if mode != "none" else nan,
+        "top1_agreement": sums["agree"] / tokens if mode != "none" else nan,
+        "teacher_ce": sums["teacher_ce"] / tokens if mode == "dense" else nan,
+        "tokens": float(tokens),
+    }
+
+
+def render_prompt(tokenizer: Any, prompt: str, *, prompt_prefix: str = "", system: str | None = None) -> str:
+    """The chat-template text a model sees before answering ``prompt`` (as :func:`tellneo.data.chat.
+    tokenize_records` renders training prompts: ``prompt_prefix`` in front of the user message)."""
+    from tellneo.data.chat import to_messages
+
+    messages = to_messages({"prompt": prompt_prefix + prompt, "response": ""}, system)[:-1]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def task_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[dict[str, str]],
+    *,
+    score: Callable[[str, str], bool],
+    prompt_prefix: str = "",
+    system: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    progress: Any = None,
+    keep_examples: int = 5,
+) -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers to ``pairs`` (``{"prompt", "response"}``).
+
+    Prompts are rendered with the chat template (``prompt_prefix``, e.g. the anchor prompt, in front of the user
+    message) and left-padded in batches; generation is greedy and stops at the tokenizer's EOS. Returns
+    ``{"accuracy", "correct", "n", "examples": [{prompt, reference, prediction, correct}, ...]}``.
+    """
+    if not pairs:
+        raise ValueError("task_accuracy needs at least one test pair")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    correct = 0
+    examples: list[dict[str, Any]] = []
+    try:
+        for first in range(0, len(pairs), batch_size):
+            chunk = pairs[first : first + batch_size]
+            texts = [render_prompt(tokenizer, p["prompt"], prompt_prefix=prompt_prefix, system=system) for p in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 temperature=None, top_p=None, top_k=None)
+            answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for pair, answer in zip(chunk, answers):
+                ok = bool(score(answer.strip(), pair["response"]))
+                correct += ok
+                if len(examples) < keep_examples:
+                    examples.append({"prompt": pair["prompt"], "reference": pair["response"],
+                                     "prediction": answer.strip(), "correct": ok})
+            if progress is not None:
+                progress.update(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return {"accuracy": correct / len(pairs), "correct": correct, "n": len(pairs), "examples": examples}

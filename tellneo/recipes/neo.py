@@ -1,0 +1,413 @@
+"""LLM-NEO: distil a teacher into a smaller student that trains LoRA adapters only, with the fused KD loss.
+
+* :func:`build_student` — a layer-dropped copy of a Llama-family teacher (same tokenizer, embeddings, norms and
+  ``lm_head`` copied), and :func:`select_layers` for the layer choice.
+* :func:`check_compatible` — teacher and student must share token ids (a teacher vocab *padded* beyond the
+  student's is fine); raises :class:`VocabMismatchError` otherwise.
+* :class:`KDSettings` and :data:`NEO_PRESET` — loss options, and the NEO authors' configuration.
+* :class:`NeoTrainer` — a ``transformers.Trainer`` whose loss is
+  ``(1 - alpha) CE(student, labels) + alpha KD(teacher || student)`` from hidden states via
+  :func:`tellneo.ops.fused_linear_kd` (neither model's ``[tokens, vocab]`` logits are built).
+
+Bringing an existing smaller student instead of a layer-dropped copy (e.g. Llama-3.2-1B for a Llama-3.1-8B
+teacher): load it as usual and pass it to :func:`check_compatible` and :class:`NeoTrainer`. The hidden sizes may
+differ (each model is projected by its own ``lm_head``). The token ids must mean the same thing in both models:
+the student's vocabulary must be a prefix of the teacher's. A teacher whose embedding table is *larger* than the
+student's (vocabularies padded to a multiple of 64/128, or a few extra special tokens at the end) is handled by
+dropping the teacher rows ``>= V_student`` and renormalising the teacher over the shared ids (see
+:func:`tellneo.ops.fused_linear_kd`); any other difference (another tokenizer, a smaller teacher table) is refused.
+
+Multi-process: :class:`NeoTrainer` runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP): the student is
+wrapped by the Trainer, each rank holds its own frozen teacher, the loss is normalised by the token count of the
+global batch (``num_items_in_batch`` gathered across ranks), so N ranks give the gradients of one process with the
+same global batch. For models that do not fit one device, use FSDP through the Trainer's ``fsdp`` /
+``fsdp_config`` arguments (or ``accelerate launch --use_fsdp``) for the student, and shard or offload the teacher
+yourself (e.g. load it with ``device_map="auto"``) or precompute its top-k log-probabilities once with
+:func:`tellneo.recipes.offline.precompute_teacher_topk` and train without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from tellneo.ops import fused_linear_kd
+from tellneo.recipes.common import (
+    LoraSettings,
+    RecipeError,
+    last_hidden_state,
+    output_head,
+    teacher_hidden_state,
+)
+from tellneo.recipes.trainer_utils import RecipeTrainerMixin
+
+logger = logging.getLogger("tellneo")
+
+__all__ = [
+    "KDSettings",
+    "NEO_PRESET",
+    "NeoPreset",
+    "NeoTrainer",
+    "VocabMismatchError",
+    "build_student",
+    "check_compatible",
+    "parse_layers",
+    "select_layers",
+]
+
+TOPK_IDS, TOPK_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"
+
+
+# ------------------------------------------------------------------------------------------- student construction
+LayerSpec = str | float | Sequence[int]
+
+
+def select_layers(num_layers: int, layers: LayerSpec = "every_other", *, keep: int | None = None) -> list[int]:
+    """Indices of the teacher's decoder layers the student keeps (sorted, distinct).
+
+    ``layers``:
+      * ``"every_other"`` — layers 0, 2, 4, ... (half the depth, rounded up);
+      * ``"first_n"`` — the first ``keep`` layers (default: half, rounded up);
+      * a float ratio in (0, 1] — ``round(ratio * num_layers)`` layers evenly spaced from the first to the last;
+      * a sequence of ints — exactly those layers.
+    """
+    if num_layers <= 0:
+        raise ValueError(f"the teacher has no decoder layers (num_layers={num_layers})")
+    if isinstance(layers, str):
+        if layers == "every_other":
+            chosen = list(range(0, num_layers, 2))
+        elif layers == "first_n":
+            n = keep if keep is not None else -(-num_layers // 2)
+            if not 1 <= n <= num_layers:
+                raise ValueError(f"first_n: keep must be in [1, {num_layers}], got {n}")
+            chosen = list(range(n))
+        else:
+            raise ValueError(f"layers must be 'every_other', 'first_n', a ratio or a list of indices, got {layers!r}")
+    elif isinstance(layers, float):
+        if not 0.0 < layers <= 1.0:
+            raise ValueError(f"a layer ratio must be in (0, 1], got {layers}")
+        n = max(1, round(layers * num_layers))
+        chosen = sorted({round(i * (num_layers - 1) / max(n - 1, 1)) for i in range(n)}) if n > 1 else [0]
+    else:
+        chosen = [int(i) for i in layers]
+        if not chosen:
+            raise ValueError("the list of layers to keep is empty")
+        bad = [i for i in chosen if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"layer indices {bad} are out of range [0, {num_layers})")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"layer indices must be distinct, got {chosen}")
+        chosen = sorted(chosen)
+    return chosen
+
+
+def parse_layers(text: str) -> tuple[LayerSpec, int | None]:
+    """Parse a command-line layer spec: ``every_other``, ``first_n`` / ``first_n:K``, a ratio (``0.5``) or a
+    comma-separated list (``0,2,4``). Returns ``(layers, keep)`` for :func:`select_layers`."""
+    text = text.strip()
+    if text in ("every_other", "first_n"):
+        return text, None
+    if text.startswith("first_n:"):
+        return "first_n", int(text.split(":", 1)[1])
+    if "," in text or text.isdigit():
+        return [int(t) for t in text.split(",") if t.strip()], None
+    return float(text), None
+
+
+def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    prefix = getattr(model, "base_model_prefix", "model")
+    body = getattr(model, prefix, None)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} is not a Llama-family causal LM (no .{prefix}.layers ModuleList)")
+    return body, layers
+
+
+def build_student(
+    teacher: nn.Module, layers: LayerSpec = "every_other", *, keep: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A smaller student: the teacher's class and weights with only the decoder layers :func:`select_layers`
+    picks (renumbered 0..n-1, so ``layer_idx`` of the attention caches is right), and the embeddings, final norm
+    and ``lm_head`` copied (a tied head stays tied). The student is a new model in ``dtype`` (default: the
+    teacher's) with ``config.num_hidden_layers`` set and ``config.tellneo_teacher_layers`` recording the kept
+    indices; the teacher is not modified. GGUF quantization metadata is not carried over (the copy is trainable).
+
+    Use the teacher's tokenizer with it. Raises TypeError for models without a ``.model.layers`` list.
+    """
+    _, teacher_layers = _decoder_layers(teacher)
+    kept = select_layers(len(teacher_layers), layers, keep=keep)
+    config = copy.deepcopy(teacher.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == len(teacher_layers):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    config.tellneo_teacher_layers = kept
+    dtype = dtype or next(teacher.parameters()).dtype
+    student = type(teacher)(config).to(dtype)
+
+    prefix = f"{getattr(teacher, 'base_model_prefix', 'model')}.layers."
+    new_index = {old: new for new, old in enumerate(kept)}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith(prefix):
+            old, rest = key[len(prefix):].split(".", 1)
+            if int(old) not in new_index:
+                continue
+            key = f"{prefix}{new_index[int(old)]}.{rest}"
+        state[key] = value.detach().to(dtype).clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise RuntimeError(f"build_student: weights do not map (missing {missing}, unexpected {unexpected})")
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+    _, student_layers = _decoder_layers(student)
+    for i, layer in enumerate(student_layers):  # fresh modules already carry i; make it explicit for custom classes
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = i
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.train(teacher.training)
+
+
+class VocabMismatchError(RecipeError):
+    """Teacher and student cannot be distilled: their token ids do not mean the same thing."""
+
+
+def check_compatible(teacher: nn.Module, student: nn.Module, teacher_tokenizer: Any = None,
+                     student_tokenizer: Any = None) -> None:
+    """Raise :class:`VocabMismatchError` unless the student's token ids are a prefix of the teacher's.
+
+    Checks the output heads (``V_teacher >= V_student``; extra teacher rows are padding the fused loss drops) and,
+    when both tokenizers are given, that every student token has the same id in the teacher's tokenizer and that
+    the special tokens agree.
+    """
+    tw, _ = output_head(teacher)
+    sw, _ = output_head(student)
+    if tw.shape[0] < sw.shape[0]:
+        raise VocabMismatchError(
+            f"the teacher's output head has {tw.shape[0]} rows but the student's has {sw.shape[0]}: the teacher "
+            "must cover every student token id (a larger, padded teacher table is fine)")
+    if teacher_tokenizer is None or student_tokenizer is None or teacher_tokenizer is student_tokenizer:
+        return
+    tv, sv = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    differ = [tok for tok, i in sv.items() if tv.get(tok) != i]
+    if differ:
+        raise VocabMismatchError(
+            f"teacher and student tokenizers differ: {len(differ)} student tokens have another id (or none) in "
+            f"the teacher's tokenizer, e.g. {differ[:3]}; NEO needs one shared tokenizer")
+    if len(student_tokenizer) > sw.shape[0]:
+        raise VocabMismatchError(f"the student tokenizer has {len(student_tokenizer)} tokens but its output head "
+                                 f"only {sw.shape[0]} rows")
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        a, b = getattr(teacher_tokenizer, attr, None), getattr(student_tokenizer, attr, None)
+        if a is not None and b is not None and a != b:
+            raise VocabMismatchError(f"teacher and student tokenizers disagree on {attr} ({a} vs {b})")
+
+
+# ------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class KDSettings:
+    """Options of the distillation loss (see :func:`tellneo.ops.fused_linear_kd`).
+
+    ``alpha``: KD weight (CE gets ``1 - alpha``); 0 trains CE only and needs no teacher.
+    ``divergence``: ``forward_kl`` (KL(teacher || student)), ``reverse_kl`` or ``jsd`` (with ``beta``).
+    ``temperature`` divides both models' logits in the KD term; ``t2_scale`` multiplies KD by ``T**2``.
+    """
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    t2_scale: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"KD weight alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.divergence not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ValueError(f"divergence must be forward_kl, reverse_kl or jsd, got {self.divergence!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+
+
+@dataclass(frozen=True)
+class NeoPreset:
+    """A named recipe configuration: LoRA, loss and optimiser settings."""
+
+    lora: LoraSettings
+    kd: KDSettings
+    learning_rate: float
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.1
+    num_train_epochs: float = 1.0
+    notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora"] = self.lora.to_dict()
+        return d
+
+
+#: The LLM-NEO authors' configuration (their code defaults; their released Llama-3.2-1B student used KD weight 0.9,
+#: rank 128, lr 1e-4 with a Llama-3.1-8B-Instruct teacher). Unlike their code, the KD mask is the CE mask (no
+#: one-position shift between them) and the teacher keeps its dtype (no fp16 cast).
+NEO_PRESET = NeoPreset(
+    lora=LoraSettings(r=64, alpha=128.0, dropout=0.0),
+    kd=KDSettings(alpha=0.5, temperature=1.0, divergence="forward_kl"),
+    learning_rate=2e-4,
+    lr_scheduler_type="cosine",
+    warmup_ratio=0.1,
+    num_train_epochs=1.0,
+    notes="LLM-NEO (Yang et al., arXiv 2411.06839): forward KL, no temperature, LoRA on all linear layers, "
+          "alpha = 2 x rank, dropout 0, KD weight 0.5, rank 64, lr 2e-4 (10x the full-parameter 2e-5), cosine "
+          "schedule with 10% warm-up, one epoch.",
+)
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class NeoTrainer(RecipeTrainerMixin, Trainer):
+    """``transformers.Trainer`` for NEO distillation (and for CE-only / full-parameter arms of the same loop).
+
+    Args (besides the Trainer's):
+        teacher: the frozen teacher (put in eval mode, ``requires_grad`` off, moved to ``args.device`` unless it
+            was dispatched with a ``device_map``), or None
+            for CE only (``kd.alpha == 0``) or offline KD from batches carrying ``teacher_topk_ids`` /
+            ``teacher_topk_logprobs`` ``[B, T, k]`` (see :mod:`tellneo.recipes.offline`).
+        kd: :class:`KDSettings`.
+
+    Batches: ``input_ids`` / ``labels`` ``[B, T]`` in the unshifted HF convention (-100 = not trained), optional
+    ``position_ids`` (packed rows: samples are isolated when there is no ``attention_mask``) and
+    ``attention_mask``. ``compute_loss`` takes the student's final hidden states (the model is called through its
+    wrappers with ``logits_to_keep`` empty, so no logits) and the teacher's (its decoder body under ``no_grad``),
+    shifts the labels left by one (position t predicts token t+1; CE and KD share that one mask), keeps the rows
+    of trained positions only and calls :func:`tellneo.ops.fused_linear_kd` with both ``lm_head`` weights.
+
+    Normalisation: the Trainer counts the trained tokens of the whole accumulated (and, under DDP, gathered)
+    batch into ``num_items_in_batch``; the loss is divided by it, so gradient accumulation and DDP give the
+    gradients of one big batch. CE and KD (unweighted, per token) are logged as ``ce`` and ``kd`` beside ``loss``.
+    Under ``torch.autocast`` (``bf16=True``) the head matmuls run in the autocast dtype like a plain ``lm_head``
+    would; the loss itself is accumulated in fp32.
+    """
+
+    def __init__(self, *args: Any, teacher: nn.Module | None = None, kd: KDSettings = KDSettings(),
+                 **kwargs: Any) -> None:
+        training_args = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.remove_unused_columns:
+            # The Trainer would drop the top-k columns (they are not arguments of model.forward).
+            training_args.remove_unused_columns = False
+        super().__init__(*args, **kwargs)
+        self.kd = kd
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            if getattr(teacher, "hf_device_map", None) is None:  # a teacher dispatched with device_map stays put
+                teacher.to(self.args.device)
+            check_compatible(teacher, self.model)
+        # Our loss consumes num_items_in_batch, so let the Trainer count it (over labels[..., 1:]).
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self._part_sums: torch.Tensor | None = None
+        self._parts_since_step = 0
+
+    # -- loss ---------------------------------------------------------------------------------------------------
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        labels = inputs["labels"]
+        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        student_hidden = last_hidden_state(model, model_inputs)
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+
+        teacher_hidden = teacher_weight = teacher_bias = topk = None
+        if self.kd.alpha > 0:
+            if TOPK_IDS in inputs:
+                topk = (inputs[TOPK_IDS], inputs[TOPK_LOGPROBS])
+            elif self.teacher is not None:
+                teacher_hidden = teacher_hidden_state(self.teacher, model_inputs)
+                teacher_weight, teacher_bias = output_head(self.teacher)
+            else:
+                raise ValueError("NeoTrainer: kd.alpha > 0 needs a teacher model or batches with teacher top-k "
+                                 f"({TOPK_IDS}, {TOPK_LOGPROBS}); use alpha=0 for CE only")
+        # Only trained positions reach the output heads: prompt, padding and sample-boundary rows (label -100)
+        # would contribute neither CE nor KD but cost two [rows, vocab] projections each.
+        valid = shifted != -100
+        student_hidden, shifted = student_hidden[valid], shifted[valid]
+        if teacher_hidden is not None:
+            teacher_hidden = teacher_hidden[valid]
+        if topk is not None:
+            topk = (topk[0][valid], topk[1][valid])
+        out = self._fused_loss(model, student_hidden, shifted, teacher_hidden, teacher_weight, teacher_bias, topk,
+                               num_items_in_batch)
+        loss = out.loss
+        scale = 1.0
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and \
+                self.accelerator.num_processes > 1:
+            # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks
+            scale = float(self.accelerator.num_processes)
+            loss = loss * scale
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if model.training:
+            self._track_parts(out.ce, out.kd, scale, num_items_in_batch is None)
+        if return_outputs:
+            return loss, {"ce": out.ce, "kd": out.kd}
+        return loss
+
+    def _fused_loss(self, model: nn.Module, student_hidden: torch.Tensor, labels: torch.Tensor,
+                    teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None,
+                    teacher_bias: torch.Tensor | None, topk: tuple[torch.Tensor, torch.Tensor] | None,
+                    num_items_in_batch: Any) -> Any:
+        student_weight, student_bias = output_head(model)
+        cast = _autocast_dtype(student_hidden.device.type)
+        s_dtype = cast or student_weight.dtype
+        t_dtype = cast or (teacher_weight.dtype if teacher_weight is not None else None)
+
+        def to(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+            return t if t is None or dtype is None else t.to(dtype)
+
+        with torch.autocast(student_hidden.device.type, enabled=False):
+            return fused_linear_kd(
+                to(student_hidden, s_dtype), to(student_weight, s_dtype),
+                to(teacher_hidden, t_dtype), to(teacher_weight, t_dtype), labels,
+                student_bias=to(student_bias, s_dtype), teacher_bias=to(teacher_bias, t_dtype),
+                teacher_topk=topk, divergence=self.kd.divergence, beta=self.kd.beta,
+                temperature=self.kd.temperature, t2_scale=self.kd.t2_scale, alpha=self.kd.alpha,
+                num_items_in_batch=num_items_in_batch, reduction="mean", return_parts=True,
+                backend=self.kd.backend,
+            )
+
+    # -- logging of the parts -------------------------------------------------------------------------------------
+    def _track_parts(self, ce: torch.Tensor, kd: torch.Tensor, scale: float, per_micro_batch_mean: bool) -> None:
+        parts = torch.stack([ce.detach().float(), kd.detach().float()]) * scale
+        if per_micro_batch_mean:
+            parts = parts / self.args.gradient_accumulation_steps
+        if self._part_sums is None:
+            self._part_sums = torch.zeros(2, device=parts.device)
+            self._parts_since_step = self.state.global_step
+        self._part_sums += parts
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._part_sums is not None:
+            steps = max(1, self.state.global_step - self._parts_since_step)
+            sums = self.accelerator.gather(self._part_sums[None]).mean(0) if self.accelerator.num_processes > 1 \
+                else self._part_sums
+            ce, kd = (sums / steps).tolist()
+            logs = {**logs, "ce": round(ce, 6), "kd": round(kd, 6)}
+            self._part_sums.zero_()
+            self._parts_since_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+

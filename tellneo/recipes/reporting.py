@@ -1,0 +1,132 @@
+"""Run outputs shared by the recipes: loss-curve PNG, summary table, atomic model saves."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tellneo.io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["StageBar", "fmt", "machine_state", "markdown_table", "plot_loss_curve", "save_pretrained_atomic",
+           "write_summary"]
+
+
+class StageBar:
+    """A progress bar over the named setup stages of a run: ``bar("loading teacher")`` starts the next stage."""
+
+    def __init__(self, stages: int, title: str, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.title = title
+        self.bar = tqdm(total=stages, desc=title, unit="stage", disable=not enabled)
+        self.started = False
+
+    def __call__(self, stage: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description(f"{self.title}: {stage}")
+
+    def __enter__(self) -> "StageBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.started and exc[0] is None:
+            self.bar.update(1)
+            self.bar.set_description(f"{self.title}: done")
+        self.bar.close()
+
+
+def machine_state() -> dict[str, Any]:
+    """CPU threads torch uses, the 1-minute load average (what else runs on the machine matters for times), and the
+    process's peak memory so far (resident set; allocated CUDA memory on a GPU)."""
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    state = {"torch_threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "load_avg_1min": round(load, 2),
+             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    try:
+        import resource
+
+        state["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    except (ImportError, OSError):
+        pass
+    if torch.cuda.is_available():
+        state["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return state
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: floats with ``digits`` significant decimals, NaN as '-'."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in header]] + [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str,
+                    keys: Sequence[str] = ("loss", "ce", "kd")) -> Path | None:
+    """Training curves of ``keys`` against the optimizer step from metrics.jsonl records (PNG, written atomically).
+    Returns None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: [(r["step"], r[k]) for r in records if k in r and isinstance(r[k], (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, points in series.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per trained token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def write_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any], table: str) -> None:
+    """``summary.json`` (everything) and ``summary.md`` (the table), both atomic."""
+    out = Path(out_dir)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.md", table + "\n")
+
+
+def save_pretrained_atomic(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+    """``model.save_pretrained`` (and the tokenizer's) into a staging directory renamed to ``path``; an existing
+    ``path`` is replaced only after the new one is complete."""
+    final = Path(path)
+    staging = final.with_name(f".staging-{final.name}")
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,327 @@
+"""TELL (token-efficient leverage learning): learn a low-resource task from a few samples by putting an anchor
+prompt in front of every task sample and spreading the samples through a much larger general stream.
+
+``run_tell(TellConfig(...))`` is the run behind ``tellneo tell``: task pairs (a generated checkable task or a
+jsonl) + general instruction data + anchor prompt -> chat-template tokenization with response-only labels ->
+:func:`tellneo.data.tell_mix_store` and a :class:`tellneo.data.PackedDataset` with ``shuffle=False`` (the rows
+keep the mixed order, read sequentially by the trainer) -> LoRA (default) or full fine-tuning with the fused CE
+loss (:class:`tellneo.recipes.neo.NeoTrainer` with ``alpha=0``) -> exact-match accuracy of greedy answers on a
+held-out test split, before and after.
+
+Arms of the TELL experiments are configurations of it:
+
+* ``method="tell"`` — anchor + extensive shuffle (``spread="stratified"``);
+* ``method="sft"`` — SFT on the task samples alone (no general data; no anchor unless ``use_anchor=True``);
+* ablations — ``use_anchor=False`` (TELL without the anchor), ``spread="end"`` (task block after the general
+  stream, i.e. no shuffle) or ``spread="random"`` (a plain random mix).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
+from tellneo.recipes.training import (
+    CHECKPOINTS,
+    METRICS,
+    TrainSettings,
+    check_run_dir,
+    open_run_dir,
+    run_training,
+    seconds_per_step,
+)
+
+logger = logging.getLogger("tellneo")
+
+__all__ = ["TellConfig", "build_tell_dataset", "run_tell", "task_exposure"]
+
+METHODS = ("tell", "sft")
+
+
+@dataclass
+class TellConfig:
+    """Everything a TELL run depends on (its manifest). See the module docstring for the arms."""
+
+    model: str | None = None  # GGUF file or HF directory; None = the embedded SmolLM2-135M-Instruct
+    task: str = "date_iso"  # a generated task (tellneo.data.tasks), used when task_file is None
+    task_file: str | None = None  # jsonl of task pairs for training
+    test_file: str | None = None  # jsonl of held-out pairs (default with task_file: its last test_samples)
+    task_samples: int = 32  # N: task samples used for training
+    test_samples: int = 40
+    method: str = "tell"
+    use_anchor: bool | None = None  # default: True for tell, False for sft
+    anchor: str | None = None  # anchor text; None = the generated task's anchor prompt
+    spread: str = "stratified"
+    task_ratio: float = 0.5  # fraction of the mixed samples that are task samples (tell)
+    general: str | None = None  # general data jsonl; None = pairs from Python's documentation
+    general_samples: int | None = 48
+    seq_len: int = 512
+    window: int = 64  # packing window (samples) that keeps the mixed order
+    mode: str = "lora"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    fused_lora: bool = True
+    max_new_tokens: int = 16
+    eval_batch_size: int = 20
+    output_dir: str = "outputs/tell"
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=-1, epochs=1.0))
+
+    @property
+    def anchored(self) -> bool:
+        return self.use_anchor if self.use_anchor is not None else self.method == "tell"
+
+    def validate(self) -> LoraSettings:
+        if self.method not in METHODS:
+            raise RecipeError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.mode not in ("lora", "full"):
+            raise RecipeError(f"mode must be 'lora' or 'full', got {self.mode!r}")
+        if self.spread not in ("stratified", "random", "end"):
+            raise RecipeError(f"spread must be stratified, random or end, got {self.spread!r}")
+        if not 0.0 < self.task_ratio < 1.0:
+            raise RecipeError(f"task-ratio must be in (0, 1), got {self.task_ratio}")
+        for name in ("task_samples", "test_samples", "seq_len", "max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise RecipeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.window < 0:
+            raise RecipeError(f"window must be >= 0, got {self.window}")
+        try:
+            return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                                patch=self.fused_lora)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+
+    def manifest(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("output_dir")
+        d["anchored"] = self.anchored
+        return d
+
+
+def _task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
+    """``(train pairs, test pairs, anchor text, score function, description)``."""
+    from tellneo.data.chat import read_jsonl
+    from tellneo.data.tasks import Task, get_task
+
+    if cfg.task_file is None:
+        try:
+            task = get_task(cfg.task)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        train = task.pairs(cfg.task_samples, seed=cfg.train.seed, split="train")
+        test = task.pairs(cfg.test_samples, seed=cfg.train.seed, split="test")
+        anchor = cfg.anchor if cfg.anchor is not None else task.anchor_prompt
+        return train, test, anchor, task.score, (f"generated task {task.name} ({cfg.task_samples} train / "
+                                                 f"{cfg.test_samples} test pairs, seed {cfg.train.seed})")
+    records = read_jsonl(cfg.task_file)
+    for rec in records:
+        if "prompt" not in rec:
+            raise RecipeError(f"{cfg.task_file}: task records need 'prompt' and 'response' (exact-match scoring)")
+    if cfg.test_file is not None:
+        test = read_jsonl(cfg.test_file)[: cfg.test_samples]
+        train = records[: cfg.task_samples]
+    else:
+        if len(records) <= cfg.test_samples:
+            raise RecipeError(f"{cfg.task_file} has {len(records)} records; holding out --test-samples "
+                              f"{cfg.test_samples} leaves none to train on (give --test-file)")
+        test = records[-cfg.test_samples:]
+        train = records[: min(cfg.task_samples, len(records) - cfg.test_samples)]
+    if cfg.anchored and cfg.anchor is None:
+        raise RecipeError("TELL needs an anchor prompt for a task file: give --anchor / --anchor-file (or --no-anchor)")
+    return train, test, cfg.anchor or "", Task.score, f"{cfg.task_file} ({len(train)} train / {len(test)} test)"
+
+
+def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConfig, pad_id: int) -> Any:
+    """The training rows: TELL mix (``general_store`` given) packed in order, or the task samples alone (SFT),
+    shuffled per epoch."""
+    from tellneo.data import PackedDataset, tell_mix_store
+
+    if general_store is None:
+        return PackedDataset(task_store, cfg.seq_len, seed=cfg.train.seed, shuffle=True, pad_id=pad_id,
+                             overlong="truncate")
+
+    def source(epoch: int) -> tuple[Any, np.ndarray]:
+        return tell_mix_store(task_store, general_store, anchor_ids=[], task_ratio=cfg.task_ratio,
+                              seed=cfg.train.seed, epoch=epoch, spread=cfg.spread)
+
+    return PackedDataset(source, cfg.seq_len, window=cfg.window or None, shuffle=False, pad_id=pad_id,
+                         overlong="truncate")
+
+
+def task_exposure(dataset: Any, steps: int, global_batch: int) -> dict[str, int]:
+    """What ``steps`` optimizer steps of ``global_batch`` rows read from ``dataset`` (epochs in order, each
+    epoch's rows in the dataset's order, a partial last global batch dropped): task samples, their tokens
+    (anchor and prompt included) and their trained (response) tokens, and the same totals for all samples."""
+    totals = dict.fromkeys(("task_samples", "task_tokens", "task_trained_tokens", "all_tokens",
+                            "all_trained_tokens"), 0)
+    remaining = steps * global_batch
+    epoch = 0
+    original = dataset.epoch
+    while remaining > 0:
+        dataset.set_epoch(epoch)
+        usable = dataset.steps_per_epoch(global_batch) * global_batch
+        if usable == 0:
+            break
+        take = min(remaining, usable)
+        p, store = dataset.plan, dataset.store
+        is_task = dataset.is_task if dataset.is_task is not None else np.ones(len(store), dtype=bool)
+        rows = np.zeros(p.num_rows, dtype=bool)
+        rows[dataset.row_order[:take]] = True
+        used = rows[p.row]
+        trained = np.concatenate([[0], np.cumsum(store.labels != -100)]) if store.labels is not None else None
+        first = store.offsets[p.sample] + p.start
+        piece_trained = trained[first + p.length] - trained[first] if trained is not None else p.length
+        task_piece = used & is_task[p.sample]
+        totals["task_samples"] += int(np.count_nonzero(task_piece & (p.start == 0)))
+        totals["task_tokens"] += int(p.length[task_piece].sum())
+        totals["task_trained_tokens"] += int(piece_trained[task_piece].sum())
+        totals["all_tokens"] += int(p.length[used].sum())
+        totals["all_trained_tokens"] += int(piece_trained[used].sum())
+        remaining -= take
+        epoch += 1
+    dataset.set_epoch(max(original, 0))
+    return totals
+
+
+def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+             ) -> dict[str, Any]:
+    """Run the TELL (or SFT-baseline) recipe; returns the summary (also written to ``summary.json``).
+
+    Errors as :func:`tellneo.recipes.distill.run_distill`.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    from tellneo.data import PackedCollator
+    from tellneo.models import load_causal_lm
+    from tellneo.recipes.evaluate import task_accuracy
+    from tellneo.recipes.neo import KDSettings, NeoTrainer
+    from tellneo.recipes.records import general_records, tokenize
+    from tellneo.recipes.reporting import (
+        StageBar,
+        machine_state,
+        markdown_table,
+        plot_loss_curve,
+        save_pretrained_atomic,
+        write_summary,
+    )
+    from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
+
+    t_start = time.perf_counter()
+    lora = cfg.validate()
+    out = Path(cfg.output_dir)
+    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress)
+    state = PartialState()
+    if state.is_main_process:
+        check_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
+    timings: dict[str, float] = {}
+
+    machine_start = machine_state()
+    with StageBar(4, "preparing", enabled=progress) as stage:
+        stage("reading data")
+        train_pairs, test_pairs, anchor, score, task_source = _task_data(cfg)  # bad data fails before loading
+        general, general_source = general_records(cfg.general, cfg.general_samples) if cfg.method == "tell" \
+            else (None, None)
+
+        t0 = time.perf_counter()
+        stage("loading the model")
+        model, tokenizer = load_causal_lm(cfg.model)
+        if getattr(model, "is_quantized", False):
+            model = float_copy(model)
+        timings["load_model_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stage("tokenizing")
+        prefix = anchor if cfg.anchored else ""
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        task_store = tokenize(train_pairs, tokenizer, what="task", vocab_size=vocab, prompt_prefix=prefix)
+        general_store = None
+        if general is not None:
+            general_store = tokenize(general, tokenizer, what="general", vocab_size=vocab, max_tokens=cfg.seq_len)
+        stage("mixing and packing")
+        dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0)
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
+        if dataset.steps_per_epoch(global_batch) == 0:
+            raise RecipeError(f"the training data packs into {len(dataset)} rows of {cfg.seq_len} tokens, fewer "
+                              f"than one global batch ({global_batch} rows): add data or lower "
+                              "--batch-size/--grad-accum")
+        timings["data_s"] = time.perf_counter() - t0
+
+    # inputs are valid: now the run directory is created (or reopened) and written
+    with state.main_process_first():
+        out, resume_from = open_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite,
+                                        is_main=state.is_main_process)
+
+    def accuracy(m: Any, label: str) -> dict[str, Any]:
+        with tqdm(total=len(test_pairs), desc=f"task accuracy ({label})", unit="prompt", disable=not progress) as bar:
+            return task_accuracy(m, tokenizer, test_pairs, score=score, prompt_prefix=prefix,
+                                 batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, progress=bar)
+
+    t0 = time.perf_counter()
+    before = accuracy(model, "before")
+    timings["eval_before_s"] = time.perf_counter() - t0
+
+    set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
+    model = attach_lora(model, lora) if cfg.mode == "lora" else model.requires_grad_(True)
+    trainable, total = count_parameters(model)
+    trainer = NeoTrainer(model=model, args=args, train_dataset=dataset, data_collator=PackedCollator("rows"),
+                         teacher=None, kd=KDSettings(alpha=0.0), callbacks=[MetricsJsonlCallback(out / METRICS)])
+    t0 = time.perf_counter()
+    train_output, interrupted = run_training(trainer, resume_from)
+    timings["train_s"] = time.perf_counter() - t0
+    metrics = read_metrics(out / METRICS) if state.is_main_process else []
+    arm = f"{cfg.method}" + ("" if cfg.method == "sft" else f", spread={cfg.spread}") + \
+        (", anchor" if cfg.anchored else ", no anchor")
+    if state.is_main_process:
+        plot_loss_curve(metrics, out / "loss_curve.png", title=f"tellneo tell ({arm}): CE on the mixed stream",
+                        keys=("loss",))
+    if interrupted:
+        raise KeyboardInterrupt(f"training interrupted at step {trainer.state.global_step}; a checkpoint is in "
+                                f"{out / CHECKPOINTS}: rerun with --resume to continue")
+
+    t0 = time.perf_counter()
+    after = accuracy(model, "after")
+    timings["eval_after_s"] = time.perf_counter() - t0
+    if state.is_main_process:
+        save_pretrained_atomic(model, out / ("adapter" if cfg.mode == "lora" else "model"), tokenizer)
+    timings["total_s"] = time.perf_counter() - t_start
+
+    exposure = task_exposure(dataset, trainer.state.global_step, global_batch)
+    train_rows = [r for r in metrics if "loss" in r]
+    summary = {
+        "recipe": "tell", "method": cfg.method, "arm": arm, "mode": cfg.mode, "task": task_source,
+        "general": general_source, "anchor_chars": len(prefix), "task_ratio": cfg.task_ratio if
+        cfg.method == "tell" else 1.0, "spread": cfg.spread if cfg.method == "tell" else None,
+        "train_task_pairs": len(train_pairs), "test_pairs": len(test_pairs), "steps": trainer.state.global_step,
+        "global_batch_rows": global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": len(dataset),
+        "exposure": exposure, "trainable_parameters": trainable, "total_parameters": total,
+        "lora": lora.to_dict() if cfg.mode == "lora" else None, "learning_rate": cfg.train.learning_rate,
+        "before": {k: before[k] for k in ("accuracy", "correct", "n")},
+        "after": {k: after[k] for k in ("accuracy", "correct", "n")},
+        "examples_after": after["examples"],
+        "first_loss": train_rows[0]["loss"] if train_rows else None,
+        "last_loss": train_rows[-1]["loss"] if train_rows else None,
+        "train_runtime_s": getattr(train_output, "metrics", {}).get("train_runtime") if train_output else None,
+        "train_s_per_step": seconds_per_step(timings["train_s"], trainer.state.global_step, resume_from)
+        if train_output is not None else None,
+        "timings": {k: round(v, 2) for k, v in timings.items()}, "processes": state.num_processes,
+        "machine_at_start": machine_start, "machine_at_end": machine_state(),
+    }
+    table = markdown_table(
+        ["held-out task metric", "before", "after"],
+        [["exact-match accuracy", before["accuracy"], after["accuracy"]],
+         ["correct / test prompts", f"{before['correct']} / {before['n']}", f"{after['correct']} / {after['n']}"]],
+    )
+    if state.is_main_process:
+        write_summary(out, summary, table)
+    summary["table"] = table
+    summary["main_process"] = state.is_main_process  # under torchrun only rank 0 reports
+    return summary
+

@@ -1,0 +1,168 @@
+"""Pieces both recipes add to ``transformers.Trainer``: atomic checkpoints, data in the dataset's own order, a
+Ctrl-C that stops at a step boundary with a checkpoint, and ``metrics.jsonl`` logging.
+
+* :class:`RecipeTrainerMixin` — put before ``Trainer`` in the bases. Checkpoints are written into a hidden staging
+  directory and renamed into place (a crash never leaves a half-written ``checkpoint-N``); the training sampler
+  is sequential, because :class:`tellneo.data.PackedDataset` already fixes the order per ``(seed, epoch)`` (a TELL
+  mix must not be reshuffled; under DDP accelerate gives rank r the r-th block of each global batch).
+* :class:`InterruptCallback` — the first SIGINT finishes the running optimizer step, saves a checkpoint and
+  stops training (agreed across ranks); a second SIGINT raises ``KeyboardInterrupt`` at once.
+* :class:`MetricsJsonlCallback` — every log line (training and evaluation) appended to ``metrics.jsonl``; lines
+  past the resumed step are dropped when a run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from tellneo.io import atomic_write_text
+
+logger = logging.getLogger("tellneo")
+
+CHECKPOINT_PREFIX = "checkpoint"
+
+
+class RecipeTrainerMixin:
+    """Mixin for ``transformers.Trainer`` subclasses: atomic checkpoints and a sequential training sampler."""
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return torch.utils.data.SequentialSampler(dataset)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{CHECKPOINT_PREFIX}-{self.state.global_step}"
+        staging_root = run_dir / f".staging-{name}"
+        if self.args.should_save and staging_root.exists():
+            shutil.rmtree(staging_root)
+        self.accelerator.wait_for_everyone()
+        # Trainer._save_checkpoint writes into self._get_output_dir(trial)/checkpoint-N: point it at the staging root.
+        self._get_output_dir = lambda trial=None: str(staging_root)  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = run_dir / name
+            trash = run_dir / f".old-{name}"
+            if final.exists():  # the same step saved again (e.g. an interrupt right after a scheduled save)
+                os.replace(final, trash)
+            os.replace(staging_root / name, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+
+def last_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``checkpoint_dir`` (None if there is none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return None
+    found = get_last_checkpoint(str(d))
+    return Path(found) if found else None
+
+
+def clean_staging(checkpoint_dir: str | os.PathLike[str]) -> None:
+    """Remove staging directories a killed run left behind (they never hold a complete checkpoint)."""
+    d = Path(checkpoint_dir)
+    if d.is_dir():
+        for p in d.glob(".staging-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _any_rank(flag: bool) -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
+class InterruptCallback(TrainerCallback):
+    """Turns Ctrl-C into "save a checkpoint at the end of this optimizer step and stop".
+
+    ``interrupted`` tells the caller afterwards. Only installed from the main thread (signal handlers cannot be
+    set elsewhere); the previous handler is restored when training ends.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.interrupted = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort at once)")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.requested = self.interrupted = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if _any_rank(self.requested):
+            self.interrupted = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends ``{"step", "epoch", **logs}`` per log event to ``path`` (main process only).
+
+    When training starts at global step s > 0 (a resumed run), lines with ``step > s`` are dropped first (they
+    belong to the part of the interrupted run that is about to be redone); the rewrite is atomic.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (empty list if the file does not exist)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,199 @@
+"""Training-loop settings and the run-directory protocol shared by ``tellneo distill`` and ``tellneo tell``.
+
+A run directory holds ``manifest.json`` (the config; a different config is refused), ``checkpoints/checkpoint-N``
+(atomic), ``metrics.jsonl``, the loss-curve PNG, ``summary.json`` / ``summary.md`` and the trained adapter or
+model. :func:`open_run_dir` refuses to start over a run that already trained unless asked to resume or overwrite,
+so nothing written earlier is lost by accident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tellneo.io import prepare_run_dir
+from tellneo.recipes.common import RecipeError
+from tellneo.recipes.trainer_utils import clean_staging, last_checkpoint
+
+logger = logging.getLogger("tellneo")
+
+__all__ = ["TrainSettings", "check_run_dir", "open_run_dir", "run_training", "seconds_per_step"]
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainSettings:
+    """The usual training flags, mapped onto ``transformers.TrainingArguments`` by :meth:`training_arguments`.
+
+    ``batch_size`` is per device (rows of ``seq_len`` tokens); the global batch is
+    ``batch_size * grad_accum * world_size``. ``max_steps > 0`` overrides ``epochs``. ``warmup_ratio`` is a
+    fraction of the total optimizer steps.
+    """
+
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_steps: int = -1
+    epochs: float = 1.0
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    save_steps: int = 25
+    save_total_limit: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise RecipeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise RecipeError(f"max-steps must be positive (or -1 for --epochs), got {self.max_steps}")
+        if self.max_steps < 0 and not self.epochs > 0:
+            raise RecipeError(f"epochs must be > 0, got {self.epochs}")
+        if not self.learning_rate > 0:
+            raise RecipeError(f"learning rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise RecipeError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def training_arguments(self, output_dir: str | Path, **overrides: Any) -> Any:
+        from transformers import TrainingArguments
+
+        kwargs: dict[str, Any] = dict(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.grad_accum,
+            max_steps=self.max_steps,
+            num_train_epochs=self.epochs,
+            learning_rate=self.learning_rate,
+            lr_scheduler_type=self.lr_scheduler,
+            warmup_steps=self.warmup_ratio,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+            seed=self.seed,
+            data_seed=self.seed,
+            bf16=self.bf16,
+            logging_steps=self.logging_steps,
+            logging_first_step=True,
+            save_strategy="steps",
+            save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit,
+            report_to="none",
+            remove_unused_columns=False,
+            dataloader_drop_last=True,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        # transformers >= 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+        names = {f.name for f in dataclasses.fields(TrainingArguments)}
+        prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        kwargs[prefix] = self.gradient_checkpointing
+        kwargs[f"{prefix}_kwargs"] = {"use_reentrant": False} if self.gradient_checkpointing else None
+        kwargs.update(overrides)
+        return TrainingArguments(**kwargs)
+
+
+def check_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """Everything :func:`open_run_dir` would refuse, checked without writing anything (call it before the slow
+    loading so that a bad ``--output-dir`` fails at once, and a failed start leaves no manifest behind)."""
+    import json
+    import os
+
+    from tellneo.io import config_hash
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PermissionError(f"cannot create output directory {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory {existing} is not writable")
+    manifest = path / "manifest.json"
+    latest = last_checkpoint(path / CHECKPOINTS)
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8")).get("config_hash")
+        except (OSError, ValueError):
+            old = None
+        if old != config_hash(config):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{path} holds a different run (config hash {old}, this one {config_hash(config)}); choose "
+                    "another --output-dir or pass --overwrite")
+            return
+        if not resume and not overwrite and (latest is not None or (path / "summary.json").exists()):
+            what = f"checkpoints up to {latest.name}" if latest is not None else "a finished run"
+            raise RecipeError(f"{path} already holds {what} of this configuration; pass --resume to continue it, "
+                              "--overwrite to start over, or choose another --output-dir")
+    elif (latest is not None or (path / METRICS).exists()) and not overwrite:
+        raise RecipeError(f"{path} holds checkpoints or metrics without a manifest of their run; pass --overwrite "
+                          "to replace them or choose another --output-dir")
+
+
+def open_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
+                 is_main: bool = True) -> tuple[Path, Path | None]:
+    """Create or reopen a run directory; returns ``(path, checkpoint to resume from or None)``.
+
+    * a different run in ``path``: FileExistsError unless ``overwrite`` (then its checkpoints and metrics go);
+    * the same run with checkpoints or a summary: resumed with ``resume``, else RecipeError (nothing is touched);
+    * ``resume`` without a checkpoint: a fresh start.
+    """
+    path = Path(path)
+    if not is_main:
+        return path, last_checkpoint(path / CHECKPOINTS) if resume else None
+    check_run_dir(path, config, resume=resume, overwrite=overwrite)
+    out, same = prepare_run_dir(path, config, overwrite=overwrite)
+    ckpt_dir = out / CHECKPOINTS
+    clean_staging(ckpt_dir)
+    latest = last_checkpoint(ckpt_dir)
+    if resume and same and latest is not None:
+        return out, latest
+    if resume and same:
+        logger.info(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    # a fresh start (new directory, --overwrite, or --resume without a checkpoint): old progress files go
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    (out / METRICS).unlink(missing_ok=True)
+    return out, None
+
+
+def seconds_per_step(seconds: float, global_step: int, resumed_from: Path | None) -> float | None:
+    """Wall seconds per optimizer step trained in this session (a resumed run started at ``checkpoint-N``)."""
+    start = int(Path(resumed_from).name.rsplit("-", 1)[1]) if resumed_from is not None else 0
+    steps = global_step - start
+    return round(seconds / steps, 3) if steps > 0 else None
+
+
+def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:
+    """``trainer.train(resume_from_checkpoint=...)`` with the interrupt protocol of
+    :class:`tellneo.recipes.trainer_utils.InterruptCallback`; returns ``(train output or None, interrupted)``."""
+    from tellneo.recipes.trainer_utils import InterruptCallback
+
+    if resume_from is not None and trainer.args.max_steps > 0:
+        from transformers import TrainerState
+
+        state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        if state.global_step >= trainer.args.max_steps:
+            # A finished run: the Trainer would train one step past max_steps; load the final weights instead.
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = state
+            return None, False
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, InterruptCallback)), None)
+    if callback is None:
+        callback = InterruptCallback()
+        trainer.add_callback(callback)
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    return output, callback.interrupted
