@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "are passed to every suite (e.g. -- --quick).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("suites", nargs="*", help="suite names (e.g. mixer); default: all suites found")
+    p.add_argument("suites", nargs="*", help="suite names (e.g. mixer); default: all suites found except the slow "
+                   "ones (methods: the NEO/TELL experiments, about two hours on CPU), which run only when named")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
     p.add_argument("suite_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(run=run)
@@ -48,12 +49,16 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(suites))
         return 0
     extra = [a for a in args.suite_args if a != "--"]
-    chosen = [s for s in args.suites if s != "--"] or suites
+    chosen = [s for s in args.suites if s != "--"]
     unknown = sorted(set(chosen) - set(suites))
     if unknown:
         raise UserError(f"unknown suite(s) {unknown}; available: {suites}")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    if not chosen:
+        chosen = [s for s in suites if not getattr(importlib.import_module(f"benchmarks.bench_{s}"), "SLOW", False)]
+        print(f"running {chosen} (slow suites run only when named: "
+              f"{sorted(set(suites) - set(chosen))})", flush=True)
     status = 0
     for name in chosen:
         print(f"== tellneo bench {name} ==", flush=True)

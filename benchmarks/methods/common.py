@@ -1,0 +1,86 @@
+"""What both experiments share: scales, the CSV writer, run-directory naming, machine description."""
+
+from __future__ import annotations
+
+import csv
+import io
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tellneo.io import atomic_write_text, config_hash
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "methods"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big the runs are. ``cpu`` fits both experiments in about two hours on 2 CPU cores; ``gpu`` is for a
+    lent GPU (longer sequences, more steps, bf16)."""
+
+    name: str
+    seq_len: int
+    batch_size: int
+    neo_steps: int
+    tell_steps: int
+    tell_budgets: tuple[int, ...]
+    tell_general_samples: int
+    bf16: bool
+
+
+SCALES = {
+    "cpu": Scale("cpu", seq_len=256, batch_size=4, neo_steps=20, tell_steps=25, tell_budgets=(8, 32, 128),
+                 tell_general_samples=104, bf16=False),
+    "gpu": Scale("gpu", seq_len=1024, batch_size=8, neo_steps=400, tell_steps=200, tell_budgets=(16, 64, 256, 1024),
+                 tell_general_samples=2400, bf16=True),
+}
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                import os
+
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def run_dir_for(experiment: str, arm: str, config: dict[str, Any], root: Path) -> Path:
+    """``<root>/<experiment>/<arm>-<config hash>``: a changed config is a new directory, never a clash."""
+    return root / experiment / f"{arm}-{config_hash(config)[:8]}"
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def machine_columns(record: dict[str, Any]) -> dict[str, Any]:
+    s = record["summary"]
+    start, end = s.get("machine_at_start", {}), s.get("machine_at_end", {})
+    return {"device": end.get("device", "cpu") if end.get("device") != "cpu" else device_name(),
+            "threads": end.get("torch_threads"), "load_avg_start": start.get("load_avg_1min"),
+            "load_avg_end": end.get("load_avg_1min"), "peak_rss_mb": end.get("peak_rss_mb"),
+            "peak_cuda_mb": end.get("peak_cuda_allocated_mb"), "commit": record["commit"],
+            "config_hash": record["config_hash"], "data_hash": record["data_hash"], "wall_s": record["wall_s"]}

@@ -1,0 +1,137 @@
+"""NEO experiment: a half-depth SmolLM2-135M-Instruct student (every other layer) trained four ways on the same
+general data and token budget, plus NEO's sensitivity to LoRA rank and KD weight.
+
+Arms (LLM-NEO, arXiv 2411.06839): ``lora-ce`` (plain LoRA SFT), ``neo`` (LoRA + CE + KD), ``full-kd`` (all
+student weights, CE + KD), ``full-ce`` (all weights, CE only). The claim tested: NEO beats plain LoRA SFT and
+approaches full-parameter KD at a fraction of its memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.methods.common import Scale, machine_columns, run_dir_for
+
+LORA_LR = 1e-3  # the distill recipe's default for LoRA on CPU-sized runs
+FULL_LR = 1e-4  # all weights move: ten times lower, the usual full fine-tuning choice
+
+
+def arm_configs(scale: Scale, seeds: Sequence[int]) -> list[tuple[str, int, dict[str, Any]]]:
+    """``(arm, seed, DistillConfig fields)`` for every run: the four arms (lora-ce and neo at every seed, the
+    full-parameter arms at the first seed) and the sensitivity runs (rank 8/64, KD weight 0.9, first seed)."""
+    from tellneo.recipes.training import TrainSettings
+
+    def config(seed: int, *, mode: str, alpha: float, rank: int = 16, lr: float) -> dict[str, Any]:
+        train = TrainSettings(batch_size=scale.batch_size, max_steps=scale.neo_steps, learning_rate=lr, seed=seed,
+                              bf16=scale.bf16, save_steps=10_000)
+        return {"mode": mode, "alpha": alpha, "lora_r": rank, "lora_alpha": 2.0 * rank, "lora_dropout": 0.05,
+                "divergence": "forward_kl", "temperature": 1.0, "seq_len": scale.seq_len, "max_samples": 1200,
+                "eval_samples": 24, "layers": "every_other", "train": asdict(train)}
+
+    runs = []
+    for seed in seeds:
+        runs.append(("lora-ce", seed, config(seed, mode="lora", alpha=0.0, lr=LORA_LR)))
+        runs.append(("neo", seed, config(seed, mode="lora", alpha=0.5, lr=LORA_LR)))
+    first = seeds[0]
+    runs.append(("full-kd", first, config(first, mode="full", alpha=0.5, lr=FULL_LR)))
+    runs.append(("full-ce", first, config(first, mode="full", alpha=0.0, lr=FULL_LR)))
+    runs.append(("neo-r8", first, config(first, mode="lora", alpha=0.5, rank=8, lr=LORA_LR)))
+    runs.append(("neo-r64", first, config(first, mode="lora", alpha=0.5, rank=64, lr=LORA_LR)))
+    runs.append(("neo-a0.9", first, config(first, mode="lora", alpha=0.9, lr=LORA_LR)))
+    return runs
+
+
+def row(arm: str, seed: int, record: dict[str, Any], scale: Scale) -> dict[str, Any]:
+    s, cfg = record["summary"], record["config"]
+    before, after = s["before"], s["after"]
+    return {
+        "experiment": "neo", "arm": arm, "seed": seed, "scale": scale.name, "mode": cfg["mode"],
+        "kd_weight": cfg["alpha"], "lora_r": cfg["lora_r"] if cfg["mode"] == "lora" else "",
+        "learning_rate": cfg["train"]["learning_rate"], "steps": s["steps"],
+        "tokens_per_step": s["global_batch_rows"] * s["seq_len"], "student_layers": s["student"]["num_layers"],
+        "trainable_params": s["trainable_parameters"], "total_params": s["total_parameters"],
+        "ce_before": round(before["ce"], 4), "ce_after": round(after["ce"], 4),
+        "kl_before": round(before["kl"], 4), "kl_after": round(after["kl"], 4),
+        "top1_before": round(before["top1_agreement"], 4), "top1_after": round(after["top1_agreement"], 4),
+        "teacher_ce": round(before["teacher_ce"], 4), "eval_tokens": s["eval_tokens"],
+        "s_per_step": round(s["train_s_per_step"], 3) if s.get("train_s_per_step") else "",
+        **machine_columns(record),
+    }
+
+
+def run(scale: Scale, seeds: Sequence[int], root: Path, run_arm: Callable[..., dict[str, Any]],
+        progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows = []
+    for arm, seed, config in arm_configs(scale, seeds):
+        progress(f"neo {arm} seed {seed}")
+        record = run_arm("neo", config, run_dir_for("neo", f"{arm}-s{seed}", config, root))
+        rows.append(row(arm, seed, record, scale))
+    return rows
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
+    values = [float(r[key]) for r in rows]
+    return statistics.fmean(values), min(values), max(values)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per arm (mean over seeds, with min–max when there are several)."""
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    head = ["arm", "seeds", "trainable params", "held-out CE (before → after)", "KL to teacher (before → after)",
+            "top-1 agreement (before → after)", "peak RSS MB", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in arms:
+        group = [r for r in rows if r["arm"] == arm]
+
+        def cell(key: str, digits: int = 3) -> str:
+            mean, lo, hi = _mean(group, key)
+            spread = f" ({lo:.{digits}f}–{hi:.{digits}f})" if len(group) > 1 else ""
+            return f"{mean:.{digits}f}{spread}"
+
+        lines.append("| " + " | ".join([
+            arm, str(len(group)), f"{int(group[0]['trainable_params']):,}",
+            f"{float(group[0]['ce_before']):.3f} → {cell('ce_after')}",
+            f"{float(group[0]['kl_before']):.3f} → {cell('kl_after')}",
+            f"{float(group[0]['top1_before']):.3f} → {cell('top1_after')}",
+            cell("peak_rss_mb", 0), cell("s_per_step", 2)]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tellneo.io import atomic_write_bytes
+
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    panels = [("kl_after", "KL(teacher ‖ student), held out ↓"), ("top1_after", "top-1 agreement with teacher ↑"),
+              ("ce_after", "held-out CE (nats/token) ↓"), ("peak_rss_mb", "process peak RSS (MB) ↓")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    colors = {"lora-ce": "tab:gray", "neo": "tab:blue", "full-kd": "tab:green", "full-ce": "tab:olive"}
+    for ax, (key, title) in zip(axes, panels):
+        for i, arm in enumerate(arms):
+            group = [r for r in rows if r["arm"] == arm]
+            mean, lo, hi = _mean(group, key)
+            ax.bar(i, mean, color=colors.get(arm, "tab:cyan"), yerr=[[mean - lo], [hi - mean]] if len(group) > 1
+                   else None, capsize=4)
+            ax.scatter([i] * len(group), [float(r[key]) for r in group], color="black", s=10, zorder=3)
+        if key in ("kl_after", "top1_after", "ce_after"):
+            before = float(rows[0][key.replace("after", "before")])
+            ax.axhline(before, color="red", linestyle="--", linewidth=1, label="student before training")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+        ax.set_title(title, fontsize=10)
+    r0 = rows[0]
+    fig.suptitle(f"NEO on SmolLM2-135M-Instruct → {r0['student_layers']}-layer student; {r0['steps']} steps × "
+                 f"{r0['tokens_per_step']} tokens; {r0['device']}", fontsize=10)
+    fig.tight_layout()
+    buf = __import__("io").BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

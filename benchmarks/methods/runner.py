@@ -1,0 +1,107 @@
+"""One experiment arm in a child process: ``python -m benchmarks.methods.runner <recipe> <config.json> <run_dir>``.
+
+The child runs the recipe, adds what the tables need that the recipe summary does not hold (git commit, a hash
+of the exact training and test data, the config hash) and writes ``arm.json`` atomically into the run
+directory. The parent (:func:`run_arm`) reuses an ``arm.json`` whose config hash matches, so a sweep resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tellneo.io import atomic_write_text, config_hash
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ("neo", "tell")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _records_hash(*record_lists: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for records in record_lists:
+        h.update(json.dumps(records, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _neo(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
+    from tellneo.recipes.distill import DistillConfig, run_distill
+    from tellneo.recipes.records import general_records, split_records
+    from tellneo.recipes.training import TrainSettings
+
+    cfg = DistillConfig(**{**config, "train": TrainSettings(**config["train"]), "output_dir": str(run_dir)})
+    records, _ = general_records(cfg.data, cfg.max_samples)
+    train, held_out = split_records(records, cfg.eval_samples, cfg.train.seed)
+    return run_distill(cfg, resume=True, progress=False), _records_hash(train, held_out)
+
+
+def _tell(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
+    from tellneo.recipes.records import general_records
+    from tellneo.recipes.tell import TellConfig, _task_data, run_tell
+    from tellneo.recipes.training import TrainSettings
+
+    cfg = TellConfig(**{**config, "train": TrainSettings(**config["train"]), "output_dir": str(run_dir)})
+    train, test, _, _, _ = _task_data(cfg)
+    general = general_records(cfg.general, cfg.general_samples)[0] if cfg.method == "tell" else []
+    return run_tell(cfg, resume=True, progress=False), _records_hash(train, test, general)
+
+
+def child_main(argv: list[str]) -> int:
+    recipe, config_path, run_dir = argv
+    config = json.loads(Path(config_path).read_text())
+    run_dir_path = Path(run_dir)
+    t0 = time.perf_counter()
+    summary, data_hash = (_neo if recipe == "neo" else _tell)(config, run_dir_path)
+    summary.pop("table", None)
+    record = {"recipe": recipe, "config": config, "config_hash": config_hash(config), "data_hash": data_hash,
+              "commit": git_commit(), "wall_s": round(time.perf_counter() - t0, 1), "summary": summary}
+    atomic_write_text(run_dir_path / "arm.json", json.dumps(record, indent=2, default=str))
+    return 0
+
+
+def run_arm(recipe: str, config: dict[str, Any], run_dir: Path, *, log: Path | None = None,
+            threads: int | None = None) -> dict[str, Any]:
+    """Run one arm in a child process (or reuse its finished ``arm.json``); returns the arm record.
+
+    Raises RuntimeError naming the log file when the child fails.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    done = run_dir / "arm.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("config_hash") == config_hash(config):
+            return record
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "arm_config.json"
+    atomic_write_text(config_file, json.dumps(config, indent=2))
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log = log or run_dir / "arm.log"
+    with open(log, "ab") as f:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.methods.runner", recipe, str(config_file),
+                               str(run_dir)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not done.is_file():
+        raise RuntimeError(f"arm {run_dir.name} failed (exit {proc.returncode}); see {log}")
+    return json.loads(done.read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))
