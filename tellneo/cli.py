@@ -15,6 +15,16 @@ from collections.abc import Sequence
 COMMANDS = ("info", "mix", "distill", "tell", "bench")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help unless the help already states its default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2."""
 

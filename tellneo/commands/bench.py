@@ -20,7 +20,17 @@ def available_suites(root: Path) -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in (root / "benchmarks").glob("bench_*.py"))
 
 
+def default_suites(root: Path) -> list[str]:
+    """The suites ``tellneo bench`` runs when none is named: all but those whose module sets ``SLOW = True``."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return [s for s in available_suites(root)
+            if not getattr(importlib.import_module(f"benchmarks.bench_{s}"), "SLOW", False)]
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tellneo.cli import HelpFormatter
+
     p = sub.add_parser(
         "bench",
         help="run benchmark suites (tellneo vs its peers) and write CSV + PNG",
@@ -28,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "current directory or the editable install). Each writes CSV + PNG under "
                     "benchmarks/results/ (benchmarks/results/gpu/ for CUDA runs). Extra arguments after '--' "
                     "are passed to every suite (e.g. -- --quick).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("suites", nargs="*", help="suite names (e.g. mixer); default: all suites found except the slow "
                    "ones (methods: the NEO/TELL experiments, about two hours on CPU), which run only when named")
@@ -56,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     if not chosen:
-        chosen = [s for s in suites if not getattr(importlib.import_module(f"benchmarks.bench_{s}"), "SLOW", False)]
+        chosen = default_suites(root)
         print(f"running {chosen} (slow suites run only when named: "
               f"{sorted(set(suites) - set(chosen))})", flush=True)
     status = 0

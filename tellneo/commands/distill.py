@@ -9,6 +9,8 @@ from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tellneo.cli import HelpFormatter
+
     p = sub.add_parser(
         "distill",
         help="distil a teacher into a smaller LoRA student (LLM-NEO) and report held-out metrics",
@@ -20,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "pairs built from Python's own documentation; a few minutes on 2 CPU cores. Writes "
                     "metrics.jsonl, loss_curve.png, summary.md/json, checkpoints and the adapter into "
                     "--output-dir and prints the student's held-out loss and teacher agreement before/after.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("models")
     g.add_argument("--teacher", type=Path, help="teacher: GGUF file or HF model directory (default: the embedded "

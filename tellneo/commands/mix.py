@@ -16,6 +16,8 @@ import numpy as np
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tellneo.cli import HelpFormatter
+
     p = sub.add_parser(
         "mix",
         help="mix task samples into general data (TELL), pack into rows, write shards + stats",
@@ -24,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "(TELL's extensive shuffle), pack into rows with the C++ mixer and write .npz shards, "
                     "stats.json and dispersion.png. Without --general/--task it runs a demo on Python's own "
                     "documentation and the generated date_iso task.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--general", type=Path, help="general data jsonl (prompt/response, messages or text records); "
                                                 "default: pairs built from Python's documentation")

@@ -9,6 +9,8 @@ from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tellneo.cli import HelpFormatter
+
     p = sub.add_parser(
         "tell",
         help="TELL: learn a task from few samples (anchor prompt + shuffle into general data); accuracy before/after",
@@ -22,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "TELL proper uses far more general data: raise --general-samples and lower --task-ratio). "
                     "--method sft trains on the task samples alone (the baseline); --no-anchor and --spread "
                     "end/random are TELL's ablations.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", type=Path, help="GGUF file or HF model directory (default: the embedded "
