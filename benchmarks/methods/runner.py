@@ -67,10 +67,11 @@ def child_main(argv: list[str]) -> int:
     config = json.loads(Path(config_path).read_text())
     run_dir_path = Path(run_dir)
     t0 = time.perf_counter()
+    commit = git_commit()  # the code the run starts with (edits during a long run must not relabel it)
     summary, data_hash = (_neo if recipe == "neo" else _tell)(config, run_dir_path)
     summary.pop("table", None)
     record = {"recipe": recipe, "config": config, "config_hash": config_hash(config), "data_hash": data_hash,
-              "commit": git_commit(), "wall_s": round(time.perf_counter() - t0, 1), "summary": summary}
+              "commit": commit, "wall_s": round(time.perf_counter() - t0, 1), "summary": summary}
     atomic_write_text(run_dir_path / "arm.json", json.dumps(record, indent=2, default=str))
     return 0
 
