@@ -19,6 +19,7 @@ Arms of the TELL experiments are configurations of it:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,21 +138,40 @@ def _task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
     return train, test, cfg.anchor or "", Task.score, f"{cfg.task_file} ({len(train)} train / {len(test)} test)"
 
 
-def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConfig, pad_id: int) -> Any:
+def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConfig, pad_id: int, *,
+                       min_rows: int = 0) -> Any:
     """The training rows: TELL mix (``general_store`` given) packed in order, or the task samples alone (SFT),
-    shuffled per epoch."""
-    from tellneo.data import PackedDataset, tell_mix_store
+    shuffled per epoch. SFT on a handful of samples can pack into fewer rows than one global batch
+    (``min_rows``): the epoch then holds the task samples ``k`` times (the smallest ``k`` that fills a batch),
+    recorded as ``dataset.repeats``."""
+    from tellneo.data import PackedDataset, TokenStore, tell_mix_store
 
     if general_store is None:
-        return PackedDataset(task_store, cfg.seq_len, seed=cfg.train.seed, shuffle=True, pad_id=pad_id,
-                             overlong="truncate")
+        def sft(store: Any) -> Any:
+            return PackedDataset(store, cfg.seq_len, seed=cfg.train.seed, shuffle=True, pad_id=pad_id,
+                                 overlong="truncate")
+
+        dataset, repeats = sft(task_store), 1
+        if 0 < len(dataset) < min_rows:
+            # k copies pack into at most k times the rows of one copy: start at that bound, step up
+            repeats = math.ceil(min_rows / len(dataset)) - 1
+            while len(dataset) < min_rows:
+                repeats += 1
+                dataset = sft(TokenStore.concat([task_store] * repeats))
+        if repeats > 1:
+            logger.info("SFT: %d task samples pack into fewer rows than one global batch (%d): each epoch holds "
+                        "them %d times", len(task_store), min_rows, repeats)
+        dataset.repeats = repeats
+        return dataset
 
     def source(epoch: int) -> tuple[Any, np.ndarray]:
         return tell_mix_store(task_store, general_store, anchor_ids=[], task_ratio=cfg.task_ratio,
                               seed=cfg.train.seed, epoch=epoch, spread=cfg.spread)
 
-    return PackedDataset(source, cfg.seq_len, window=cfg.window or None, shuffle=False, pad_id=pad_id,
-                         overlong="truncate")
+    dataset = PackedDataset(source, cfg.seq_len, window=cfg.window or None, shuffle=False, pad_id=pad_id,
+                            overlong="truncate")
+    dataset.repeats = 1
+    return dataset
 
 
 def task_exposure(dataset: Any, steps: int, global_batch: int) -> dict[str, int]:
@@ -246,8 +266,9 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         if general is not None:
             general_store = tokenize(general, tokenizer, what="general", vocab_size=vocab, max_tokens=cfg.seq_len)
         stage("mixing and packing")
-        dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0)
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
+        dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0,
+                                     min_rows=global_batch)
         if dataset.steps_per_epoch(global_batch) == 0:
             raise RecipeError(f"the training data packs into {len(dataset)} rows of {cfg.seq_len} tokens, fewer "
                               f"than one global batch ({global_batch} rows): add data or lower "
@@ -299,7 +320,8 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         "recipe": "tell", "method": cfg.method, "arm": arm, "mode": cfg.mode, "task": task_source,
         "general": general_source, "anchor_chars": len(prefix), "task_ratio": cfg.task_ratio if
         cfg.method == "tell" else 1.0, "spread": cfg.spread if cfg.method == "tell" else None,
-        "train_task_pairs": len(train_pairs), "test_pairs": len(test_pairs), "steps": trainer.state.global_step,
+        "train_task_pairs": len(train_pairs), "task_repeats_per_epoch": dataset.repeats,
+        "test_pairs": len(test_pairs), "steps": trainer.state.global_step,
         "global_batch_rows": global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": len(dataset),
         "exposure": exposure, "trainable_parameters": trainable, "total_parameters": total,
         "lora": lora.to_dict() if cfg.mode == "lora" else None, "learning_rate": cfg.train.learning_rate,

@@ -66,7 +66,19 @@ def test_spread_end_puts_every_task_row_last(spread):
 def test_sft_dataset_is_the_task_alone():
     task, _ = stores()
     ds = build_tell_dataset(task, None, TellConfig(seq_len=64), pad_id=0)
-    assert ds.is_task is None and len(ds.store) == len(task)
+    assert ds.is_task is None and len(ds.store) == len(task) and ds.repeats == 1
+
+
+def test_sft_on_a_few_samples_repeats_them_to_fill_one_global_batch():
+    task, _ = stores(n_task=3)  # 3 short samples: one row of 64 tokens
+    one = build_tell_dataset(task, None, TellConfig(seq_len=64), pad_id=0)
+    assert len(one) == 1
+    ds = build_tell_dataset(task, None, TellConfig(seq_len=64), pad_id=0, min_rows=4)
+    assert len(ds) >= 4 and ds.steps_per_epoch(4) == 1 and len(ds.store) == 3 * ds.repeats
+    assert ds.repeats == min(k for k in range(1, 20) if len(build_tell_dataset(
+        TokenStore.concat([task] * k), None, TellConfig(seq_len=64), pad_id=0)) >= 4)  # the smallest k
+    rows = ds.batch(list(range(len(ds))))["input_ids"]
+    assert int((rows == 7).sum()) == ds.repeats * int(task.offsets[-1])  # every copy whole, nothing else
 
 
 class ScriptedLM(torch.nn.Module):
