@@ -17,8 +17,11 @@ RESULTS = Path(__file__).resolve().parents[1] / "results" / "methods"
 
 @dataclass(frozen=True)
 class Scale:
-    """How big the runs are. ``cpu`` fits both experiments in about two hours on 2 CPU cores; ``gpu`` is for a
-    lent GPU (longer sequences, more steps, bf16)."""
+    """How big the runs are. ``cpu`` fits both experiments in about an hour and a half on 2 CPU cores;
+    ``cpu-long`` is NEO at 5x the steps (run it with ``--arms`` for the main arms: ~8 minutes an arm on 2 cores);
+    ``gpu`` is for a lent GPU (longer sequences, more steps, bf16). ``tell_steps`` is the SFT arms' step count:
+    keep it close to the steps of one epoch of the TELL mix (the CSV records every arm's steps) so that the arms
+    get the same compute."""
 
     name: str
     seq_len: int
@@ -33,9 +36,16 @@ class Scale:
 SCALES = {
     "cpu": Scale("cpu", seq_len=256, batch_size=4, neo_steps=20, tell_steps=25, tell_budgets=(8, 32, 128),
                  tell_general_samples=104, bf16=False),
+    "cpu-long": Scale("cpu-long", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25, tell_budgets=(8, 32, 128),
+                      tell_general_samples=104, bf16=False),
     "gpu": Scale("gpu", seq_len=1024, batch_size=8, neo_steps=400, tell_steps=200, tell_budgets=(16, 64, 256, 1024),
                  tell_general_samples=2400, bf16=True),
 }
+
+
+def results_name(experiment: str, scale: Scale) -> str:
+    """File stem of an experiment's results: ``neo`` at the default scale, ``neo_<scale>`` otherwise."""
+    return experiment if scale.name == "cpu" else f"{experiment}_{scale.name}"
 
 
 def device_name() -> str:

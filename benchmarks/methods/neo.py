@@ -64,11 +64,13 @@ def row(arm: str, seed: int, record: dict[str, Any], scale: Scale) -> dict[str, 
 
 
 def run(scale: Scale, seeds: Sequence[int], root: Path, run_arm: Callable[..., dict[str, Any]],
-        progress: Callable[[str], None]) -> list[dict[str, Any]]:
+        progress: Callable[[str], None], arms: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for arm, seed, config in arm_configs(scale, seeds):
+        if arms and arm not in arms:
+            continue
         progress(f"neo {arm} seed {seed}")
-        record = run_arm("neo", config, run_dir_for("neo", f"{arm}-s{seed}", config, root))
+        record = run_arm("neo", config, run_dir_for("neo", f"{arm}-s{seed}", config, root))  # scale is in the hash
         rows.append(row(arm, seed, record, scale))
     return rows
 

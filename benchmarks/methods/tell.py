@@ -65,11 +65,13 @@ def row(arm: str, budget: int, record: dict[str, Any], scale: Scale) -> dict[str
 
 
 def run(scale: Scale, seeds: Sequence[int], root: Path, run_arm: Callable[..., dict[str, Any]],
-        progress: Callable[[str], None]) -> list[dict[str, Any]]:
+        progress: Callable[[str], None], arms: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     seed = seeds[0]
     for budget in scale.tell_budgets:
         for arm in ARMS:
+            if arms and arm not in arms:
+                continue
             progress(f"tell {arm} N={budget}")
             config = arm_config(arm, budget, scale, seed)
             record = run_arm("tell", config, run_dir_for("tell", f"{arm}-n{budget}-s{seed}", config, root))
