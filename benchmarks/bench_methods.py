@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=None,
                    help="run only these arms (neo: lora-ce neo full-kd full-ce neo-r8 neo-r64 neo-a0.9; tell: sft "
                         "tell tell-no-anchor tell-no-shuffle); default: all")
-    p.add_argument("--report-only", action="store_true", help="only re-render README.md from the CSVs")
+    p.add_argument("--report-only", action="store_true", help="only redraw the plots and README.md from the CSVs")
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
     known = {arm for arm, _, _ in neo.arm_configs(scale, args.seeds)} | set(tell.ARMS)
@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             write_csv(RESULTS / f"{stem}.csv", rows)
             module.plot(rows, RESULTS / f"{stem}.png")
             print(module.table(rows), flush=True)
+    else:
+        for name, module in EXPERIMENTS.items():
+            for s in SCALES.values():
+                path = RESULTS / f"{results_name(name, s)}.csv"
+                if path.is_file():
+                    module.plot(read_csv(path), path.with_suffix(".png"))
     from tellneo.io import atomic_write_text
 
     atomic_write_text(RESULTS / "README.md", render_readme())

@@ -105,3 +105,15 @@ def test_bench_command_skips_slow_suites_unless_named(tmp_path):
     root = Path(__file__).resolve().parents[1]
     assert "methods" in available_suites(root) and "methods" not in default_suites(root)
     assert "mixer" in default_suites(root)
+
+
+def test_tell_table_and_plot_put_each_arm_at_its_budget(tmp_path):
+    rows = []
+    for n, arm, acc, seen in ((8, "sft", 0.7, 4800), (8, "tell", 0.75, 684), (32, "sft", 0.9, 4800)):
+        rows.append({"arm": arm, "task_samples": n, "accuracy_before": 0.0 if arm == "sft" else 0.1,
+                     "accuracy_after": acc, "task_trained_tokens_seen": seen, "tokens_per_step": 1024,
+                     "device": "cpu"})
+    text = tell.table(rows)
+    assert "| 8 | 0.700 (4,800) | 0.750 (684) | - | - |" in text and "| 32 | 0.900 (4,800) | - | - | - |" in text
+    tell.plot(rows, tmp_path / "tell.png")
+    assert (tmp_path / "tell.png").read_bytes()[:4] == b"\x89PNG"

@@ -81,13 +81,13 @@ def run(scale: Scale, seeds: Sequence[int], root: Path, run_arm: Callable[..., d
 
 def table(rows: list[dict[str, Any]]) -> str:
     budgets = sorted({int(r["task_samples"]) for r in rows})
-    head = ["task samples N"] + [f"{arm} accuracy (task tokens seen)" for arm in ARMS]
+    head = ["task samples N"] + [f"{arm}: accuracy (trained task tokens seen)" for arm in ARMS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in budgets:
         cells = [str(n)]
         for arm in ARMS:
             match = [r for r in rows if int(r["task_samples"]) == n and r["arm"] == arm]
-            cells.append(f"{float(match[0]['accuracy_after']):.3f} ({int(match[0]['task_tokens_seen']):,})"
+            cells.append(f"{float(match[0]['accuracy_after']):.3f} ({int(match[0]['task_trained_tokens_seen']):,})"
                          if match else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -107,7 +107,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     styles = {"sft": ("tab:gray", "o"), "tell": ("tab:blue", "s"), "tell-no-anchor": ("tab:orange", "^"),
               "tell-no-shuffle": ("tab:green", "v")}
     for ax, (xkey, xlabel) in zip(axes, (("task_samples", "task samples N (unique)"),
-                                          ("task_tokens_seen", "task tokens seen in training (with repeats)"))):
+                                          ("task_trained_tokens_seen",
+                                           "trained task tokens seen (answers, with repeats)"))):
         for arm in ARMS:
             group = sorted((r for r in rows if r["arm"] == arm), key=lambda r: float(r[xkey]))
             if not group:
