@@ -114,8 +114,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             if not group:
                 continue
             color, marker = styles[arm]
-            ax.plot([float(r[xkey]) for r in group], [float(r["accuracy_after"]) for r in group], marker=marker,
-                    color=color, label=arm)
+            xs, ys = [float(r[xkey]) for r in group], [float(r["accuracy_after"]) for r in group]
+            if xkey == "task_samples":
+                ax.plot(xs, ys, marker=marker, color=color, label=arm)
+            else:  # the compute is fixed, so these cluster per arm: label each point with its N
+                ax.scatter(xs, ys, marker=marker, color=color, label=arm)
+                for r, x, y in zip(group, xs, ys):
+                    ax.annotate(f"N={int(r['task_samples'])}", (x, y), textcoords="offset points",
+                                xytext=(5, -3), fontsize=7, color=color)
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out exact-match accuracy")
