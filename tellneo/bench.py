@@ -100,7 +100,8 @@ def git_commit(path: str | os.PathLike[str] | None = None) -> str:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # results written by earlier suites are not code: they do not make a measurement "dirty"
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)benchmarks/results"],
             cwd=path or Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
