@@ -81,10 +81,11 @@ def _mean(rows: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per arm (mean over seeds, with min–max when there are several)."""
+    """Markdown: one line per arm (mean over seeds, with min–max when there are several; each seed holds out its
+    own evaluation records, so "before" is a mean too)."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     head = ["arm", "seeds", "trainable params", "held-out CE (before → after)", "KL to teacher (before → after)",
-            "top-1 agreement (before → after)", "peak RSS MB", "s/step"]
+            "top-1 agreement (before → after)", "process peak RSS MB (teacher + student)", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in arms:
         group = [r for r in rows if r["arm"] == arm]
@@ -96,9 +97,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
         lines.append("| " + " | ".join([
             arm, str(len(group)), f"{int(group[0]['trainable_params']):,}",
-            f"{float(group[0]['ce_before']):.3f} → {cell('ce_after')}",
-            f"{float(group[0]['kl_before']):.3f} → {cell('kl_after')}",
-            f"{float(group[0]['top1_before']):.3f} → {cell('top1_after')}",
+            f"{_mean(group, 'ce_before')[0]:.3f} → {cell('ce_after')}",
+            f"{_mean(group, 'kl_before')[0]:.3f} → {cell('kl_after')}",
+            f"{_mean(group, 'top1_before')[0]:.3f} → {cell('top1_after')}",
             cell("peak_rss_mb", 0), cell("s_per_step", 2)]) + " |")
     return "\n".join(lines)
 
