@@ -18,7 +18,6 @@ returns a zero-argument callable to time. Building happens before the memory bas
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import importlib
 import math
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tellneo.io import atomic_write_text
+from tellneo.io import atomic_save_figure, atomic_write_csv
 
 COLUMNS = [
     "suite",
@@ -302,17 +301,7 @@ def add_ratios(rows: Sequence[Row], baseline_impl: str) -> list[dict[str, Any]]:
 
 
 def write_csv(records: Iterable[dict[str, Any]], path: Path) -> Path:
-    records = list(records)
-    extra_cols = [k for r in records for k in r if k not in COLUMNS]
-    columns = COLUMNS + list(dict.fromkeys(extra_cols))
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(records)
-    atomic_write_text(path, buf.getvalue())
-    return path
+    return atomic_write_csv(path, records, first_columns=COLUMNS)
 
 
 def plot_ratios(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -355,12 +344,7 @@ def plot_ratios(records: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
     baseline = records[0]["baseline_impl"] if records else ""
     fig.suptitle(f"{title}\n{device} — ratios vs {baseline}", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_save_figure(fig, path)
 
 
 def results_dir(device: str, root: Path | None = None) -> Path:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,34 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return _atomic_write(Path(path), lambda f: f.write(data), "wb")
+
+
+def atomic_write_csv(path: str | os.PathLike[str], records: Iterable[dict[str, Any]],
+                     first_columns: Sequence[str] = ()) -> Path:
+    """Write dict records as CSV atomically: ``first_columns`` first, then every other key in order of appearance;
+    missing cells are empty."""
+    import csv
+    import io
+
+    records = list(records)
+    columns = list(dict.fromkeys([*first_columns, *(k for r in records for k in r)]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(records)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_save_npz(path: str | os.PathLike[str], **arrays: Any) -> Path:

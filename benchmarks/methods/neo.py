@@ -110,7 +110,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tellneo.io import atomic_write_bytes
+    from tellneo.io import atomic_save_figure
 
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     panels = [("kl_after", "KL(teacher ‖ student), held out ↓"), ("top1_after", "top-1 agreement with teacher ↑"),
@@ -134,7 +134,4 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.suptitle(f"NEO on SmolLM2-135M-Instruct → {r0['student_layers']}-layer student; {r0['steps']} steps × "
                  f"{r0['tokens_per_step']} tokens; {r0['device']}", fontsize=10)
     fig.tight_layout()
-    buf = __import__("io").BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path)

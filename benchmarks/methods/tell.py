@@ -94,14 +94,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tellneo.io import atomic_write_bytes
+    from tellneo.io import atomic_save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"sft": ("tab:gray", "o"), "tell": ("tab:blue", "s"), "tell-no-anchor": ("tab:orange", "^"),
@@ -137,7 +135,4 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.suptitle(f"TELL vs SFT on date_iso, SmolLM2-135M-Instruct + LoRA r16; {r0['tokens_per_step']} tokens/step; "
                  f"{r0['device']}", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path)

@@ -189,7 +189,7 @@ def _plot_dispersion(task_per_row: np.ndarray, path: Path, args: argparse.Namesp
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tellneo.io import atomic_write_bytes
+    from tellneo.io import atomic_save_figure
 
     cum = np.cumsum(task_per_row)
     rows = np.arange(1, cum.size + 1)
@@ -202,12 +202,7 @@ def _plot_dispersion(task_per_row: np.ndarray, path: Path, args: argparse.Namesp
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path)
 
 
 def _print_summary(stats: dict[str, Any], out_dir: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -11,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tellneo.io import atomic_write_bytes, atomic_write_text
+from tellneo.io import atomic_save_figure, atomic_write_text
 
 __all__ = ["StageBar", "fmt", "machine_state", "markdown_table", "plot_loss_curve", "save_pretrained_atomic",
            "write_summary"]
@@ -102,10 +101,7 @@ def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike[s
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return atomic_save_figure(fig, path)
 
 
 def write_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any], table: str) -> None:
