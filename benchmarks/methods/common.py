@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import csv
-import io
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tellneo.io import atomic_write_text, config_hash
+from tellneo.io import atomic_write_csv, config_hash
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "methods"
 
@@ -51,17 +49,9 @@ def results_name(experiment: str, scale: Scale) -> str:
 def device_name() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                import os
+    from tellneo.bench import device_name as bench_device_name
 
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return bench_device_name("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_dir_for(experiment: str, arm: str, config: dict[str, Any], root: Path) -> Path:
@@ -70,15 +60,7 @@ def run_dir_for(experiment: str, arm: str, config: dict[str, Any], root: Path) -
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -89,7 +71,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def machine_columns(record: dict[str, Any]) -> dict[str, Any]:
     s = record["summary"]
     start, end = s.get("machine_at_start", {}), s.get("machine_at_end", {})
-    return {"device": end.get("device", "cpu") if end.get("device") != "cpu" else device_name(),
+    return {"device": device_name(),
             "threads": end.get("torch_threads"), "load_avg_start": start.get("load_avg_1min"),
             "load_avg_end": end.get("load_avg_1min"), "peak_rss_mb": end.get("peak_rss_mb"),
             "peak_cuda_mb": end.get("peak_cuda_allocated_mb"), "commit": record["commit"],

@@ -16,21 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tellneo.bench import git_commit
 from tellneo.io import atomic_write_text, config_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ("neo", "tell")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _records_hash(*record_lists: list[dict[str, Any]]) -> str:
@@ -67,7 +57,7 @@ def child_main(argv: list[str]) -> int:
     config = json.loads(Path(config_path).read_text())
     run_dir_path = Path(run_dir)
     t0 = time.perf_counter()
-    commit = git_commit()  # the code the run starts with (edits during a long run must not relabel it)
+    commit = git_commit(ROOT)  # the code the run starts with (edits during a long run must not relabel it)
     summary, data_hash = (_neo if recipe == "neo" else _tell)(config, run_dir_path)
     summary.pop("table", None)
     record = {"recipe": recipe, "config": config, "config_hash": config_hash(config), "data_hash": data_hash,

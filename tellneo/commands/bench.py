@@ -20,10 +20,14 @@ def available_suites(root: Path) -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in (root / "benchmarks").glob("bench_*.py"))
 
 
-def default_suites(root: Path) -> list[str]:
-    """The suites ``tellneo bench`` runs when none is named: all but those whose module sets ``SLOW = True``."""
+def _make_importable(root: Path) -> None:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+
+
+def default_suites(root: Path) -> list[str]:
+    """The suites ``tellneo bench`` runs when none is named: all but those whose module sets ``SLOW = True``."""
+    _make_importable(root)
     return [s for s in available_suites(root)
             if not getattr(importlib.import_module(f"benchmarks.bench_{s}"), "SLOW", False)]
 
@@ -63,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(chosen) - set(suites))
     if unknown:
         raise UserError(f"unknown suite(s) {unknown}; available: {suites}")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    _make_importable(root)
     if not chosen:
         chosen = default_suites(root)
         print(f"running {chosen} (slow suites run only when named: "
