@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
     budget = Budget(args.budget_s)
     status = Status(args.out, budget, args.dry_run)
+    status.data["only"] = args.only
     records = {}
     for name, title, est, bench in plan:
         cells = [{"case": c.case, "impl": c.impl, "status": "pending", "reason": "", "estimate_s": c.estimate_s,
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 def check_outputs(out: Path, *, dry_run: bool = True) -> list[str]:
     """Problems with a finished campaign's outputs (empty list = fine): every stage present and finished, each
     skip carrying a reason, no stage or cell failed, the CSVs with the DESIGN.md columns and one finite row per
-    measured cell; for a dry run, every benchmark stage measured at least one cell."""
+    measured cell; for a dry run, every selected (``--only``) benchmark stage measured at least one cell."""
     import csv
 
     from tellneo.bench import COLUMNS
@@ -379,14 +380,15 @@ def check_outputs(out: Path, *, dry_run: bool = True) -> list[str]:
             elif c["status"] == "skipped" and not c["reason"]:
                 problems.append(f"{where}: skipped without a reason")
         ok_cells = [c for c in st["cells"] if c["status"] == "ok"]
-        if dry_run and st["cells"] and not ok_cells:
+        selected = not data.get("only") or name in data["only"]
+        if dry_run and selected and st["cells"] and not ok_cells:
             problems.append(f"stage {name}: the dry run measured none of its cells")
         for fname in st["outputs"]:
             if not (out / fname).exists():
                 problems.append(f"stage {name}: output {fname} is missing")
         csvs = [f for f in st["outputs"] if f.endswith(".csv")]
         if st["cells"] and ok_cells:
-            if len(csvs) != 1:
+            if len(csvs) != 1 or not (out / csvs[0]).exists():
                 problems.append(f"stage {name}: expected one CSV output, got {csvs}")
                 continue
             with (out / csvs[0]).open(newline="") as f:

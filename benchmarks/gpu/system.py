@@ -197,15 +197,15 @@ def build_extension(*, dry_run: bool, cuda: bool, timeout_s: float, capability: 
     info = native_build_info()
     nvcc = nvcc_path()
     want_cuda = cuda and nvcc is not None
-    if info is not None and (bool(info.get("cuda")) or not want_cuda):
-        why = "" if info.get("cuda") or not cuda else " (without CUDA: no nvcc, the CUDA emit cells will fail)"
-        return "ok", f"tellneo._C already built{why}: {info}"
     env = dict(os.environ, TELLNEO_CUDA="1" if want_cuda else "0")
     if want_cuda and capability and "TELLNEO_CUDA_ARCHS" not in env:
         env["TELLNEO_CUDA_ARCHS"] = capability.replace(".", "")  # only this GPU's architecture: faster build
     cmd = build_command()
+    flags = " ".join(f"{k}={env[k]}" for k in ("TELLNEO_CUDA", "TELLNEO_CUDA_ARCHS") if k in env)
+    if info is not None and (bool(info.get("cuda")) or not want_cuda):
+        why = "" if info.get("cuda") or not cuda else " (without CUDA: no nvcc, the CUDA emit cells will fail)"
+        return "ok", f"tellneo._C already built{why}: {info}"
     if dry_run:
-        flags = " ".join(f"{k}={env[k]}" for k in ("TELLNEO_CUDA", "TELLNEO_CUDA_ARCHS") if k in env)
         return "skipped", f"dry run: would run `{flags} {' '.join(cmd)}` (tellneo._C: {info or 'not built'})"
     proc = _run(cmd, timeout_s, env=env)
     if proc.returncode != 0:
