@@ -146,3 +146,21 @@ def test_missing_requirements_respect_minimum_versions() -> None:
     assert system.missing([system.Requirement("torch", "1.0", "x")]) == []
     assert system.missing([system.Requirement("torch", "999", "x")])
     assert system.missing([system.Requirement("no-such-dist-tellneo", None, "x")])
+
+
+def test_summarize_imports_a_campaign_and_checks_targets(dry_run_out: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import summarize
+
+    monkeypatch.setattr(summarize, "RESULTS", tmp_path / "results")
+    assert summarize.main(["--gpu", str(dry_run_out)]) == 0
+    (dest,) = (tmp_path / "results" / "gpu").iterdir()
+    assert (dest / "lora_linear.csv").exists() and (dest / "lora_linear.png").exists()
+    assert (dest / "campaign.json").exists()
+    targets = (dest / "TARGETS.md").read_text()
+    rows = {r["impl"]: float(r["time_ms"]) for r in csv.DictReader((dest / "lora_linear.csv").open())
+            if r["case"].endswith("p0.0")}
+    assert f"| {rows['tellneo'] / rows['peft']:.3f} |" in targets  # the ratio is computed from the rows
+    readme = (tmp_path / "results" / "README.md").read_text()
+    assert "## GPU" in readme and "lora_linear" in readme and "TARGETS.md" in readme
+    assert "campaign.csv" not in readme.split("## GPU")[1].split("Targets")[0]
