@@ -50,14 +50,19 @@ ALPHA, BETA = 0.5, 0.5
 
 
 def _inputs(n: int, hs: int, ht: int, v: int, dtype: torch.dtype, device: str, teacher: bool = True):
-    g = torch.Generator().manual_seed(0)
-    sh = (torch.randn(n, hs, generator=g)).to(device=device, dtype=dtype).requires_grad_(True)
-    sw = (torch.randn(v, hs, generator=g) * hs**-0.5).to(device=device, dtype=dtype).requires_grad_(True)
-    th = torch.randn(n, ht, generator=g).to(device=device, dtype=dtype) if teacher else None
-    tw = (torch.randn(v, ht, generator=g) * ht**-0.5).to(device=device, dtype=dtype) if teacher else None
-    labels = torch.randint(0, v, (n,), generator=g)
+    """Random inputs drawn on ``device`` itself (a CPU draw of a [128256, 4096] weight takes seconds)."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    sh = randn(n, hs).requires_grad_(True)
+    sw = randn(v, hs, scale=hs**-0.5).requires_grad_(True)
+    th = randn(n, ht) if teacher else None
+    tw = randn(v, ht, scale=ht**-0.5) if teacher else None
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
     labels[::8] = -100
-    return sh, sw, th, tw, labels.to(device)
+    return sh, sw, th, tw, labels
 
 
 def _trl_chunked(sh, sw, th, tw, labels, chunk: int = 256):
@@ -86,8 +91,14 @@ def _trl_chunked(sh, sw, th, tw, labels, chunk: int = 256):
 
 
 def build_case(impl: str, n: int, hs: int, ht: int, v: int, dtype: str = "float32", device: str = "cpu",
-               ce_only: bool = False):
-    """Returns (fwd+bwd callable, extra columns) for one implementation of one shape."""
+               ce_only: bool = False, grad_error: bool = False, cce_impl: str = "cce"):
+    """Returns (fwd+bwd callable, extra columns) for one implementation of one shape.
+
+    ``grad_error``: also run one step before returning and add ``loss_rel_err`` / ``grad_h_rel_err`` /
+    ``grad_w_rel_err``, the relative errors of this impl's loss and gradients (in ``dtype``) against the fp32
+    full-logits reference on the same inputs (see :func:`errors_vs_fp32`). ``cce_impl``: cut-cross-entropy's
+    ``impl`` ("cce" is its Triton kernel, CUDA only; "torch_compile" its CPU-capable path).
+    """
     from tellneo.ops import fused_linear_kd, fused_linear_kd_reference
 
     dt = getattr(torch, dtype)
@@ -118,18 +129,41 @@ def build_case(impl: str, n: int, hs: int, ht: int, v: int, dtype: str = "float3
         from cut_cross_entropy import linear_cross_entropy
 
         def loss():
-            return linear_cross_entropy(sh, sw, labels, ignore_index=-100)
+            return linear_cross_entropy(sh, sw, labels, ignore_index=-100, impl=cce_impl)
     else:
         raise ValueError(f"unknown impl {impl!r}")
 
     def step():
         sh.grad = None
         sw.grad = None
-        loss().backward()
+        out = loss()
+        out.backward()
+        return out
 
-    if impl == "liger+compile":
-        step()  # compile outside the measured calls
+    if impl == "liger+compile" or grad_error:
+        out = step()  # compile (liger+compile) outside the measured calls
+        if grad_error:
+            extra.update(errors_vs_fp32(out, sh, sw, th, tw, labels, alpha))
+        sh.grad = sw.grad = None
     return step, extra
+
+
+def errors_vs_fp32(loss: torch.Tensor, sh: torch.Tensor, sw: torch.Tensor, th: torch.Tensor | None,
+                   tw: torch.Tensor | None, labels: torch.Tensor, alpha: float) -> dict[str, float]:
+    """Relative errors of ``loss`` and of ``sh.grad`` / ``sw.grad`` (from one step of an impl, any dtype) against
+    :func:`tellneo.ops.fused_linear_kd_reference` run in float32 on the same (upcast) inputs."""
+    from tellneo.bench import rel_error
+    from tellneo.ops import fused_linear_kd_reference
+
+    sh32 = sh.detach().float().requires_grad_(True)
+    sw32 = sw.detach().float().requires_grad_(True)
+    th32 = th.float() if th is not None else None
+    tw32 = tw.float() if tw is not None else None
+    ref = fused_linear_kd_reference(sh32, sw32, th32, tw32, labels, divergence="jsd", beta=BETA, alpha=alpha)
+    ref.backward()
+    errs = {"loss_rel_err": rel_error(loss, ref), "grad_h_rel_err": rel_error(sh.grad, sh32.grad),
+            "grad_w_rel_err": rel_error(sw.grad, sw32.grad)}
+    return {k: float(f"{v:.3e}") for k, v in errs.items()}
 
 
 def cases(device: str, quick: bool, liger_compiled: bool):

@@ -76,8 +76,11 @@ def saved_activation_mb(fn, params) -> float:
 
 def build_layer_case(impl: str, d_in: int, d_out: int, tokens: int, r: int = 16, alpha: float = 16.0,
                      p: float = 0.0, dtype: str = "float32", device: str = "cpu", batch: int = 4,
-                     probe_saved: bool = False):
+                     probe_saved: bool = False, backend: str = "auto"):
     """Returns (fwd+bwd callable, extra columns) for one implementation of one layer shape.
+
+    ``backend``: the fused op's backend for ``impl="tellneo"`` ("triton" forces the Triton kernels, which on CPU
+    tensors need TRITON_INTERPRET=1).
 
     ``probe_saved``: instead, measure the activation memory saved for backward and return a no-op callable (run
     as a separate job, so that the probe's freed memory cannot hide the measured call's peak RSS).
@@ -94,7 +97,7 @@ def build_layer_case(impl: str, d_in: int, d_out: int, tokens: int, r: int = 16,
     elif impl == "tellneo":
         from tellneo.integrations.peft import patch
 
-        report = patch(layer)
+        report = patch(layer, backend=backend)
         assert len(report) == 1, report.summary()
         module = layer
     else:
@@ -112,6 +115,8 @@ def build_layer_case(impl: str, d_in: int, d_out: int, tokens: int, r: int = 16,
 
     if probe_saved:
         return (lambda: None), {"saved_mb": round(saved_activation_mb(lambda: module(x), params), 3)}
+    if impl == "peft+compile":
+        step()  # compile outside the measured calls (and outside the memory measurement)
     return step, {"tokens": tokens, "rank": r, "dropout": p, "threads": torch.get_num_threads()}
 
 

@@ -134,33 +134,38 @@ def job_torch_cat():
 
 
 # ----------------------------------------------------------------------------------------------- cuda jobs
-def job_cuda_emit(impl: str, rows_per_batch: int):
+def job_cuda_emit(impl: str, rows_per_batch: int, device: str = "cuda", n_samples: int = 200_000):
+    """One batch of ``rows_per_batch`` rows onto ``device``: ``tellneo_cuda`` (the CUDA emit kernel),
+    ``tellneo_cpp_then_copy`` (C++ emit on the host, then a copy) or ``index_select`` (a precomputed token index
+    gathered on the device). ``device="cpu"`` runs the two host-capable impls (the campaign's dry run)."""
     import torch
 
     from tellneo.data import emit_rows
 
-    store, p, _, _ = _batch_samples()
+    store, p, _, _ = _batch_samples(n_samples)
     rows = np.arange(rows_per_batch)
     if impl == "index_select":
         # baseline: gather tokens with a precomputed index on the GPU (what a plain torch pipeline would do)
         out = emit_rows(store, p, rows, layout="rows", backend="cpp")
-        tokens = torch.from_numpy(store.tokens.astype(np.int64)).cuda()
-        src = torch.from_numpy(np.where(out["seq_idx"].numpy() >= 0, 0, 0)).cuda()  # shape holder
+        tokens = torch.from_numpy(store.tokens.astype(np.int64)).to(device)
+        src = torch.from_numpy(np.where(out["seq_idx"].numpy() >= 0, 0, 0)).to(device)  # shape holder
         from tellneo.data.emit import row_segments
 
         seg_src, seg_len = row_segments(p, store, rows)
         starts = np.repeat(np.where(seg_src >= 0, seg_src, 0), seg_len) + np.concatenate(
             [np.arange(n) for n in seg_len])
-        index = torch.from_numpy(starts).cuda()
+        index = torch.from_numpy(starts).to(device)
         del src
 
         def run():
             return tokens.index_select(0, index)
-    else:
+    elif impl in ("tellneo_cuda", "tellneo_cpp_then_copy"):
         backend = "cuda" if impl == "tellneo_cuda" else "cpp"
 
         def run():
-            emit_rows(store, p, rows, backend=backend, device="cuda")
+            emit_rows(store, p, rows, backend=backend, device=device)
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
 
     return run, {"tokens": rows_per_batch * SEQ_LEN}
 

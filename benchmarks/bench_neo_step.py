@@ -46,8 +46,50 @@ def _batch(batch: int, seq_len: int) -> dict[str, Any]:
     return {k: out[k] for k in ("input_ids", "labels", "position_ids")}
 
 
-def job_step(impl: str, batch: int, seq_len: int, dropout: float, device: str = "cpu"):
-    """Build teacher, student, LoRA and the batch; return a callable running one training step."""
+# Random Llama teachers for the GPU campaign (no hub downloads): the student keeps every other layer, so the
+# teacher is 2x deeper than the student. "llama-1b": a Llama-3.2-1B-shaped student (hidden 2048, 16 layers,
+# vocab 128256) under a 32-layer teacher of the same width; "llama-tiny": the same recipe at test size.
+RANDOM_LLAMAS: dict[str, dict[str, Any]] = {
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                     tie_word_embeddings=False),
+    "llama-tiny": dict(vocab_size=251, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=False),
+}
+
+
+def _random_teacher(model: str, device: str, dtype: Any):
+    """A randomly initialised Llama teacher of the preset ``model``, created directly on ``device``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if model not in RANDOM_LLAMAS:
+        raise ValueError(f"model must be 'smollm2' or one of {sorted(RANDOM_LLAMAS)}, got {model!r}")
+    with torch.device(device):
+        return LlamaForCausalLM(LlamaConfig(**RANDOM_LLAMAS[model])).to(dtype)
+
+
+def _random_batch(batch: int, seq_len: int, vocab: int, device: str) -> dict[str, Any]:
+    """Random tokens, the first quarter of every row untrained (a prompt), one position id run per row."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g, device=device)
+    labels = ids.clone()
+    labels[:, : seq_len // 4] = -100
+    pos = torch.arange(seq_len, device=device).expand(batch, seq_len).contiguous()
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def job_step(impl: str, batch: int, seq_len: int, dropout: float, device: str = "cpu", model: str = "smollm2",
+             dtype: str = "float32"):
+    """Build teacher, student, LoRA and the batch; return a callable running one training step.
+
+    ``model``: "smollm2" (the embedded SmolLM2-135M-Instruct and a packed batch of real instruction data) or a
+    random Llama preset of :data:`RANDOM_LLAMAS` (random tokens; no tokenizer needed). ``dtype``: the dtype of
+    both models and the adapters.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -57,11 +99,19 @@ def job_step(impl: str, batch: int, seq_len: int, dropout: float, device: str = 
     from tellneo.recipes.training import TrainSettings
 
     torch.manual_seed(0)
-    teacher, _ = load_causal_lm(None)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    student = attach_lora(build_student(teacher, "every_other"),
-                          LoraSettings(r=16, alpha=32, dropout=dropout, patch=impl == "tellneo")).to(device).train()
-    inputs = {k: v.to(device) for k, v in _batch(batch, seq_len).items()}
+    dt = getattr(torch, dtype)
+    if model == "smollm2":
+        teacher, _ = load_causal_lm(None, dtype=dt)
+        teacher = teacher.to(device)
+        inputs = {k: v.to(device) for k, v in _batch(batch, seq_len).items()}
+    else:
+        teacher = _random_teacher(model, device, dt)
+        inputs = _random_batch(batch, seq_len, teacher.config.vocab_size, device)
+    teacher = teacher.eval().requires_grad_(False)
+    with torch.device(device):  # the student's layers are created where the teacher's weights are
+        student = build_student(teacher, "every_other")
+    student = attach_lora(student, LoraSettings(r=16, alpha=32, dropout=dropout, patch=impl == "tellneo"))
+    student = student.to(device=device, dtype=dt).train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     n_items = int((inputs["labels"][:, 1:] != -100).sum())
@@ -94,7 +144,8 @@ def job_step(impl: str, batch: int, seq_len: int, dropout: float, device: str = 
             torch.cuda.synchronize()
         return float(loss)
 
-    return step, {"trained_tokens": n_items}
+    report = getattr(student, "tellneo_patch_report", None)
+    return step, {"trained_tokens": n_items, "fused_lora_layers": len(report) if report is not None else 0}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,12 @@ def git_commit(path: str | os.PathLike[str] | None = None) -> str:
         return "unknown"
 
 
+def rel_error(actual: Any, reference: Any) -> float:
+    """||actual - reference|| / max(||reference||, tiny) of two tensors, computed in float64."""
+    a, r = actual.detach().double(), reference.detach().double()
+    return ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
 def _rss_kib(field_name: str) -> int:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:

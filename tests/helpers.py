@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from tellneo.bench import rel_error  # noqa: F401  (re-exported for the op tests)
+
 # Plain tolerances for comparisons between two implementations that both compute in the given dtype.
 TOLERANCES = {
     torch.float64: dict(atol=1e-10, rtol=1e-8),
@@ -15,12 +17,6 @@ TOLERANCES = {
     torch.float16: dict(atol=1e-3, rtol=1e-2),
     torch.bfloat16: dict(atol=1e-2, rtol=2e-2),
 }
-
-
-def rel_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """||actual - reference|| / max(||reference||, tiny), in float64."""
-    a, r = actual.detach().double(), reference.detach().double()
-    return ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
 
 
 def assert_error_budget(

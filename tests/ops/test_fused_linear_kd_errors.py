@@ -95,6 +95,7 @@ def test_unknown_backend():
         call(fused_linear_kd, backend="cuda-fast")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device to mismatch")
 def test_device_mismatch_is_named():
     with pytest.raises(ValueError, match="teacher_hidden"):
