@@ -153,12 +153,23 @@ def head_transform(model: nn.Module) -> HeadTransform:
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A sharded (FSDP2 / DTensor) parameter gathered to the full tensor (differentiable), others unchanged."""
+    """A sharded (FSDP2 / DTensor) parameter gathered to the full local tensor, others unchanged.
+
+    A head in the FSDP root's parameter group is already unsharded after the forward (the root keeps its
+    parameters until the backward) and arrives here as a plain tensor. A head sharded on its own is a DTensor:
+    it is all-gathered, and its gradient is averaged over the mesh on the way back (``Partial("avg")``: the
+    reduce-scatter FSDP2 does for every other parameter), so ranks with different data get FSDP's mean gradient.
+    """
     if t is None or not torch.distributed.is_available():
         return t
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if not isinstance(t, DTensor):
+        return t
+    if not (t.requires_grad and torch.is_grad_enabled()):
+        return t.full_tensor()
+    ndim = t.device_mesh.ndim
+    return t.redistribute(placements=[Replicate()] * ndim).to_local(grad_placements=[Partial("avg")] * ndim)
 
 
 def read_head(model: nn.Module, transform: HeadTransform | None = None) -> OutputHead:

@@ -20,10 +20,13 @@ dropping the teacher rows ``>= V_student`` and renormalising the teacher over th
 Multi-process: :class:`NeoTrainer` runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP): the student is
 wrapped by the Trainer, each rank holds its own frozen teacher, the loss is normalised by the token count of the
 global batch (``num_items_in_batch`` gathered across ranks), so N ranks give the gradients of one process with the
-same global batch. For models that do not fit one device, use FSDP through the Trainer's ``fsdp`` /
-``fsdp_config`` arguments (or ``accelerate launch --use_fsdp``) for the student, and shard or offload the teacher
-yourself (e.g. load it with ``device_map="auto"``) or precompute its top-k log-probabilities once with
-:func:`tellneo.recipes.offline.precompute_teacher_topk` and train without it.
+same global batch. For models that do not fit one device, use FSDP2: the student through the Trainer's ``fsdp`` /
+``fsdp_config={"version": 2, ...}`` arguments (or ``accelerate launch --use_fsdp --fsdp_version 2``), the teacher
+sharded yourself with ``fully_shard`` (each decoder layer, then the root) before it is passed in. Both are called
+through their root modules, so FSDP's hooks gather their parameters (tests/recipes/test_fsdp.py: 2 gloo
+processes, both sharded, give the unsharded loss and FSDP's mean of the unsharded gradients). Or precompute the
+teacher's top-k log-probabilities once with :func:`tellneo.recipes.offline.precompute_teacher_topk` and train
+without it.
 """
 
 from __future__ import annotations
