@@ -15,7 +15,8 @@ hyperclovax                                    ``lm_head(h) * config.logits_scal
 
 :func:`head_transform` reads that transform for one model (student and teacher each have their own) and refuses,
 with a message naming what is unknown, a model it cannot describe: an output head that is not a plain
-``torch.nn.Linear`` (e.g. LoRA on ``lm_head``), or a config attribute that looks like a logit transform
+``torch.nn.Linear`` (e.g. LoRA on ``lm_head``) directly after the decoder body (BERT-style prediction heads put
+layers in between), or a config attribute that looks like a logit transform
 (``*logit*``, ``*lm_head*``, ``output_multiplier``) with a non-trivial value on a family not in the table. Nothing
 is computed silently with the wrong logits. :func:`kd_transform_kwargs` turns two transforms into the
 ``softcap`` / ``logit_scale`` / ``teacher_softcap`` / ``teacher_logit_scale`` arguments of
@@ -106,11 +107,34 @@ def _unknown_transforms(config: Any, known: set[str]) -> list[str]:
     return found
 
 
+def _check_nothing_between(lm: nn.Module, head: nn.Module) -> None:
+    """The head must be a direct child of the model beside the decoder body, with no other module holding
+    parameters there: BERT-style ``*ForCausalLM`` models (``cls.predictions``: dense + activation + norm before
+    the decoder Linear) or ModernBERT's prediction head put layers between the hidden states and the Linear."""
+    name = type(lm).__name__
+    children = dict(lm.named_children())
+    prefix = getattr(lm, "base_model_prefix", "")
+    body = children.get(prefix)
+    if body is None:
+        raise UnsupportedHeadError(f"{name} has no decoder body .{prefix or 'model'} beside its output head")
+    if not any(child is head for child in children.values()):
+        raise UnsupportedHeadError(
+            f"{name}'s output head is nested inside another module, not a direct child of the model: layers may "
+            "sit between the final hidden states and it, which the fused loss would skip")
+    extra = [n for n, child in children.items() if child is not head and child is not body
+             and next(child.parameters(), None) is not None]
+    if extra:
+        raise UnsupportedHeadError(
+            f"{name} has modules with parameters beside its decoder body and output head ({', '.join(extra)}): "
+            "they may sit between the final hidden states and the head, which the fused loss would skip")
+
+
 def head_transform(model: nn.Module) -> HeadTransform:
     """The final-logit transform of ``model`` (through PEFT / DDP / FSDP wrappers), after checking its head.
 
     Raises :class:`UnsupportedHeadError` (a ValueError) naming the module class or config attribute when the
-    output head is not a plain ``torch.nn.Linear`` or the config holds a logit transform this module does not know.
+    output head is not a plain ``torch.nn.Linear`` beside the decoder body (nothing else with parameters at the
+    top level), or the config holds a logit transform this module does not know.
     """
     lm = _transformers_model(model)
     name = type(lm).__name__
@@ -122,6 +146,7 @@ def head_transform(model: nn.Module) -> HeadTransform:
             f"{name}'s output head is a {type(head).__module__}.{type(head).__qualname__}, not a plain "
             "torch.nn.Linear: the fused loss reads the head's weight and bias directly (LoRA or other adapters on "
             "lm_head are not supported; leave lm_head out of the adapter's target modules)")
+    _check_nothing_between(lm, head)
     config = getattr(lm, "config", None)
     if config is None:
         return HeadTransform(family=name)

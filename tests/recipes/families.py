@@ -41,3 +41,34 @@ def tiny_family_model(name: str, seed: int = 0, head_scale: float = 40.0) -> tor
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(head_scale)
     return model
+
+
+# Size overrides for any family's config (the names families use for width, depth and heads); attributes a
+# config does not have are left alone.
+_ANY_FAMILY = dict(_COMMON, head_dim=8, n_embd=32, n_layer=2, n_head=4, d_model=32, num_layers=2, ffn_dim=48,
+                   n_positions=128)
+
+
+def any_family_model(model_type: str, max_parameters: int = 3_000_000, head_scale: float = 40.0):
+    """A tiny random ``AutoModelForCausalLM`` of ``model_type`` with its default config shrunk by
+    :data:`_ANY_FAMILY`, or None when that config cannot be built or stays above ``max_parameters``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(model_type)
+        for key, value in _ANY_FAMILY.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+        with torch.device("meta"):
+            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        if size > max_parameters:
+            return None
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).float().eval()
+        head = model.get_output_embeddings()
+        if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
+            with torch.no_grad():
+                head.weight.mul_(head_scale)
+        return model
+    except Exception:  # noqa: BLE001 (a family whose tiny config does not build is simply not covered)
+        return None
