@@ -86,9 +86,10 @@ def _logits_tile(
 def _kd_stats_kernel(
     sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, part_ptr,
     N, V, HS, HT, stride_sh, stride_sw, stride_th, stride_tw, v_per_split,
-    inv_temp, logit_scale, softcap,
+    inv_temp, logit_scale, softcap, t_logit_scale, t_softcap,
     HAS_LABELS: tl.constexpr, HAS_KD: tl.constexpr, HAS_TEACHER: tl.constexpr, SAME_T: tl.constexpr,
-    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIV: tl.constexpr,
+    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TSOFTCAP: tl.constexpr,
+    DIV: tl.constexpr,
     PRECISION_S: tl.constexpr, PRECISION_T: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -131,7 +132,7 @@ def _kd_stats_kernel(
             e_s = tl.exp(s - ms_new[:, None])
             if HAS_TEACHER:
                 t = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
-                                 logit_scale, softcap, HAS_TB, HAS_SOFTCAP, PRECISION_T, UPCAST,
+                                 t_logit_scale, t_softcap, HAS_TB, HAS_TSOFTCAP, PRECISION_T, UPCAST,
                                  BLOCK_N, BLOCK_V, BLOCK_K)
                 t_fin = t * inv_temp
                 t = tl.where(col_mask[None, :], t_fin, float("-inf"))
@@ -177,8 +178,8 @@ def _log_mixture(log_q, log_p, log_1mb, log_b):
 def _kd_jsd_kernel(
     sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
     N, V, HS, HT, stride_sh, stride_sw, stride_th, stride_tw, v_per_split,
-    inv_temp, logit_scale, softcap, beta, log_1mb, log_b,
-    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    inv_temp, logit_scale, softcap, t_logit_scale, t_softcap, beta, log_1mb, log_b,
+    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TSOFTCAP: tl.constexpr,
     PRECISION_S: tl.constexpr, PRECISION_T: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -199,7 +200,7 @@ def _kd_jsd_kernel(
         z = _logits_tile(sh_ptr, sw_ptr, sb_ptr, rows, cols, row_mask, col_mask, HS, stride_sh, stride_sw,
                          logit_scale, softcap, HAS_SB, HAS_SOFTCAP, PRECISION_S, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         t = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
-                         logit_scale, softcap, HAS_TB, HAS_SOFTCAP, PRECISION_T, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+                         t_logit_scale, t_softcap, HAS_TB, HAS_TSOFTCAP, PRECISION_T, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         log_q = z * inv_temp - lse_s[:, None]
         log_p = t * inv_temp - lse_t[:, None]
         log_m = _log_mixture(log_q, log_p, log_1mb, log_b)
@@ -218,9 +219,9 @@ def _kd_bwd_kernel(
     sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, stats_ptr, wce_ptr, wkd_ptr, glse_ptr,
     dh_ptr, dw_ptr, db_ptr,
     N, V, HS, HT, stride_sh, stride_sw, stride_th, stride_tw,
-    inv_temp, logit_scale, softcap, beta, log_1mb, log_b,
+    inv_temp, logit_scale, softcap, t_logit_scale, t_softcap, beta, log_1mb, log_b,
     CE_GRAD: tl.constexpr, KD_DENSE: tl.constexpr, KD_TOPK: tl.constexpr, DIV: tl.constexpr,
-    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TSOFTCAP: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     PRECISION_S: tl.constexpr, PRECISION_T: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -250,7 +251,7 @@ def _kd_bwd_kernel(
         aux = tl.load(stats_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
         w_kd = tl.load(wkd_ptr + rows, mask=row_mask, other=0.0)
         t = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
-                         logit_scale, softcap, HAS_TB, HAS_SOFTCAP, PRECISION_T, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+                         t_logit_scale, t_softcap, HAS_TB, HAS_TSOFTCAP, PRECISION_T, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         log_p = t * inv_temp - lse_t[:, None]
         if DIV == 0:
             g = q - tl.exp(log_p)
@@ -329,9 +330,10 @@ def _common(inp: KDInputs, cfg: KDConfig) -> dict:
         stride_sh=sh.stride(0), stride_sw=sw.stride(0),
         stride_th=th.stride(0) if dense else 0, stride_tw=tw.stride(0) if dense else 0,
         inv_temp=1.0 / cfg.temperature, logit_scale=cfg.logit_scale,
-        softcap=cfg.softcap if cfg.softcap is not None else 1.0,
+        softcap=cfg.softcap if cfg.softcap is not None else 1.0, t_logit_scale=cfg.teacher_logit_scale,
+        t_softcap=cfg.teacher_softcap if cfg.teacher_softcap is not None else 1.0,
         HAS_SB=inp.student_bias is not None, HAS_TB=inp.teacher_bias is not None,
-        HAS_SOFTCAP=cfg.softcap is not None,
+        HAS_SOFTCAP=cfg.softcap is not None, HAS_TSOFTCAP=cfg.teacher_softcap is not None,
         PRECISION_S=_precision(sh.dtype), PRECISION_T=_precision(th.dtype if dense else sh.dtype),
         UPCAST=sh.device.type != "cuda",
     )

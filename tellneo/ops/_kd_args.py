@@ -15,6 +15,8 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
 _OP = "fused_linear_kd"
+#: Default of ``teacher_softcap`` / ``teacher_logit_scale``: the teacher uses the shared ``softcap`` / ``logit_scale``.
+SHARED = "shared"
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,11 @@ class KDConfig:
     kd_scale: float  # T^2 if t2_scale else 1
     alpha: float
     ignore_index: int
-    softcap: float | None
+    softcap: float | None  # the student's (and, unless teacher_softcap is given, the teacher's)
     logit_scale: float
     reduction: str
+    teacher_softcap: float | None  # the teacher's own transform (resolved: equal to the shared one by default)
+    teacher_logit_scale: float
 
 
 @dataclass
@@ -89,6 +93,15 @@ def _check_index_range(name: str, idx: torch.Tensor, upper: int, allowed_extra: 
         torch._assert_async(~bad.any(), msg)
 
 
+def _check_softcap(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, f"must be None or a finite number > 0, got {value!r}", TypeError)
+    if value <= 0:
+        _fail(name, f"must be None or > 0, got {value}")
+
+
 def check_args(
     student_hidden: Any,
     student_weight: Any,
@@ -109,9 +122,12 @@ def check_args(
     softcap: Any,
     logit_scale: Any,
     reduction: Any,
+    teacher_softcap: Any = SHARED,
+    teacher_logit_scale: Any = SHARED,
 ) -> tuple[KDInputs, KDConfig]:
     """Validate every argument, flatten leading dims, drop padded teacher vocab rows; raise ValueError/TypeError
-    naming the offending argument."""
+    naming the offending argument. ``teacher_softcap`` / ``teacher_logit_scale`` = :data:`SHARED` take the
+    shared ``softcap`` / ``logit_scale``."""
     sh = _check_tensor("student_hidden", student_hidden, float_dtype=True)
     if sh.dim() < 2:
         _fail("student_hidden", f"must be [N, Hs] or [..., Hs], got shape {tuple(sh.shape)}")
@@ -149,11 +165,19 @@ def check_args(
         _fail("temperature", f"must be > 0, got {temperature}")
     if logit_scale <= 0:
         _fail("logit_scale", f"must be > 0, got {logit_scale}")
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap):
-            _fail("softcap", f"must be None or a finite number > 0, got {softcap!r}", TypeError)
-        if softcap <= 0:
-            _fail("softcap", f"must be None or > 0, got {softcap}")
+    _check_softcap("softcap", softcap)
+    if isinstance(teacher_logit_scale, str) and teacher_logit_scale == SHARED:
+        teacher_logit_scale = logit_scale
+    elif isinstance(teacher_logit_scale, bool) or not isinstance(teacher_logit_scale, (int, float)) or \
+            not math.isfinite(teacher_logit_scale):
+        _fail("teacher_logit_scale", f"must be 'shared' or a finite Python number, got {teacher_logit_scale!r}",
+              TypeError)
+    elif teacher_logit_scale <= 0:
+        _fail("teacher_logit_scale", f"must be > 0, got {teacher_logit_scale}")
+    if isinstance(teacher_softcap, str) and teacher_softcap == SHARED:
+        teacher_softcap = softcap
+    else:
+        _check_softcap("teacher_softcap", teacher_softcap)
     if not isinstance(t2_scale, bool):
         _fail("t2_scale", f"must be a bool, got {t2_scale!r}", TypeError)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -266,5 +290,7 @@ def check_args(
         softcap=None if softcap is None else float(softcap),
         logit_scale=float(logit_scale),
         reduction=reduction,
+        teacher_softcap=None if teacher_softcap is None else float(teacher_softcap),
+        teacher_logit_scale=float(teacher_logit_scale),
     )
     return inputs, config

@@ -32,8 +32,10 @@ def _inputs(sh, sw, sb, th, tw, tb, labels, topk_ids, topk_lp) -> KDInputs:
     return KDInputs(sh, sw, sb, th, tw, tb, labels, topk_ids, topk_lp, lead_shape=(sh.shape[0],))
 
 
-def _config(divergence, beta, temperature, kd_scale, alpha, ignore_index, softcap, logit_scale) -> KDConfig:
-    return KDConfig(divergence, beta, temperature, kd_scale, alpha, ignore_index, softcap, logit_scale, "mean")
+def _config(divergence, beta, temperature, kd_scale, alpha, ignore_index, softcap, logit_scale, t_softcap,
+            t_logit_scale) -> KDConfig:
+    return KDConfig(divergence, beta, temperature, kd_scale, alpha, ignore_index, softcap, logit_scale, "mean",
+                    t_softcap, t_logit_scale)
 
 
 def _cdtype(sh: Tensor, th: Optional[Tensor]) -> torch.dtype:
@@ -66,6 +68,8 @@ def fused_linear_kd_fwd(
     ignore_index: int,
     softcap: Optional[float],
     logit_scale: float,
+    t_softcap: Optional[float],
+    t_logit_scale: float,
     backend: str,
     need_dh: bool,
     need_dw: bool,
@@ -73,7 +77,8 @@ def fused_linear_kd_fwd(
     fused_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     inp = _inputs(sh, sw, sb, th, tw, tb, labels, topk_ids, topk_lp)
-    cfg = _config(divergence, beta, temperature, kd_scale, alpha, ignore_index, softcap, logit_scale)
+    cfg = _config(divergence, beta, temperature, kd_scale, alpha, ignore_index, softcap, logit_scale, t_softcap,
+                  t_logit_scale)
     valid = _kd_torch.valid_mask(inp, cfg)
     if backend == "triton":
         from tellneo.kernels.fused_linear_kd import triton_forward
@@ -104,7 +109,8 @@ def fused_linear_kd_fwd(
 
 @fused_linear_kd_fwd.register_fake
 def _fwd_fake(sh, sw, sb, th, tw, tb, labels, topk_ids, topk_lp, grad_scale, divergence, beta, temperature,
-              kd_scale, alpha, ignore_index, softcap, logit_scale, backend, need_dh, need_dw, need_db, fused_grad):
+              kd_scale, alpha, ignore_index, softcap, logit_scale, t_softcap, t_logit_scale, backend, need_dh,
+              need_dw, need_db, fused_grad):
     n, v = sh.shape[0], sw.shape[0]
     cdt = _cdtype(sh, th)
     fused = fused_grad
@@ -141,13 +147,16 @@ def fused_linear_kd_bwd(
     ignore_index: int,
     softcap: Optional[float],
     logit_scale: float,
+    t_softcap: Optional[float],
+    t_logit_scale: float,
     backend: str,
     need_dh: bool,
     need_dw: bool,
     need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     inp = _inputs(sh, sw, sb, th, tw, tb, labels, topk_ids, topk_lp)
-    cfg = _config(divergence, beta, temperature, kd_scale, alpha, ignore_index, softcap, logit_scale)
+    cfg = _config(divergence, beta, temperature, kd_scale, alpha, ignore_index, softcap, logit_scale, t_softcap,
+                  t_logit_scale)
     if backend == "triton":
         from tellneo.kernels.fused_linear_kd import triton_backward
 
@@ -165,7 +174,8 @@ def fused_linear_kd_bwd(
 
 @fused_linear_kd_bwd.register_fake
 def _bwd_fake(w_ce, w_kd, sh, sw, sb, th, tw, tb, labels, topk_ids, topk_lp, stats, divergence, beta, temperature,
-              kd_scale, alpha, ignore_index, softcap, logit_scale, backend, need_dh, need_dw, need_db):
+              kd_scale, alpha, ignore_index, softcap, logit_scale, t_softcap, t_logit_scale, backend, need_dh,
+              need_dw, need_db):
     return (
         sh.new_empty(sh.shape) if need_dh else _empty(sh),
         sw.new_empty(sw.shape) if need_dw else _empty(sw),
@@ -175,7 +185,7 @@ def _bwd_fake(w_ce, w_kd, sh, sw, sb, th, tw, tb, labels, topk_ids, topk_lp, sta
 
 _TENSOR_ARGS = ("sh", "sw", "sb", "th", "tw", "tb", "labels", "topk_ids", "topk_lp", "grad_scale")
 _SCALAR_ARGS = ("divergence", "beta", "temperature", "kd_scale", "alpha", "ignore_index", "softcap", "logit_scale",
-                "backend", "need_dh", "need_dw", "need_db", "fused_grad")
+                "t_softcap", "t_logit_scale", "backend", "need_dh", "need_dw", "need_db", "fused_grad")
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -220,7 +230,8 @@ def _backward(ctx, g_loss, g_ce, g_kd, g_stats, g_dh, g_dw, g_db):
         out = torch.ops.tellneo.fused_linear_kd_bwd(
             w_ce, w_kd, t["sh"], t["sw"], t["sb"], t["th"], t["tw"], t["tb"], t["labels"], t["topk_ids"],
             t["topk_lp"], stats, sc["divergence"], sc["beta"], sc["temperature"], sc["kd_scale"], alpha,
-            sc["ignore_index"], sc["softcap"], sc["logit_scale"], sc["backend"], *need,
+            sc["ignore_index"], sc["softcap"], sc["logit_scale"], sc["t_softcap"], sc["t_logit_scale"], sc["backend"],
+            *need,
         )
         grads = [x if n else None for x, n in zip(out, need)]
     dh_, dw_, db_ = grads

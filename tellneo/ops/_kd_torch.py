@@ -71,20 +71,21 @@ class _Workspace:
         return buf[:r]
 
 
-def _logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: KDConfig,
-                 inv_temp: float = 1.0) -> torch.Tensor:
-    """``out = transform(x W^T + b) * inv_temp`` in the compute dtype, in place. Half-precision inputs go through
-    ``F.linear`` in their dtype first, so the logits are rounded exactly like the model's own ``lm_head``."""
+def _logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, logit_scale: float,
+                 softcap: float | None, inv_temp: float = 1.0) -> torch.Tensor:
+    """``out = transform(x W^T + b) * inv_temp`` in the compute dtype, in place (``transform``: ``logit_scale``
+    then ``softcap``, one model's). Half-precision inputs go through ``F.linear`` in their dtype first, so the
+    logits are rounded exactly like the model's own ``lm_head``."""
     if x.dtype == out.dtype:
         torch.matmul(x, w.t(), out=out)
         if b is not None:
             out.add_(b)
     else:
         out.copy_(F.linear(x, w, b))
-    if cfg.logit_scale != 1.0:
-        out.mul_(cfg.logit_scale)
-    if cfg.softcap is not None:
-        out.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+    if logit_scale != 1.0:
+        out.mul_(logit_scale)
+    if softcap is not None:
+        out.div_(softcap).tanh_().mul_(softcap)
     if inv_temp != 1.0:
         out.mul_(inv_temp)
     return out
@@ -123,7 +124,7 @@ def _chunk(
     kd = torch.zeros(rows, dtype=cdt, device=dev)
     dz = None
 
-    z = _logits_into(ws("z", rows), h, inp.student_weight, inp.student_bias, cfg)
+    z = _logits_into(ws("z", rows), h, inp.student_weight, inp.student_bias, cfg.logit_scale, cfg.softcap)
     probs_z = log_z = None
     if labels is not None:
         log_z, probs_z = ws("log_q", rows), ws("q", rows)
@@ -144,7 +145,8 @@ def _chunk(
         if inp.teacher_weight is not None:
             # z is dead once its log-softmax is taken, unless softcap's gradient factor needs it at the end
             t_slab = ws("t", rows) if cfg.softcap is not None else z
-            t = _logits_into(t_slab, inp.teacher_hidden[r0:r1], inp.teacher_weight, inp.teacher_bias, cfg, 1.0 / T)
+            t = _logits_into(t_slab, inp.teacher_hidden[r0:r1], inp.teacher_weight, inp.teacher_bias,
+                             cfg.teacher_logit_scale, cfg.teacher_softcap, 1.0 / T)
             log_p, p = ws("log_p", rows), ws("p", rows)
             stats[:, 2] = _log_softmax_into(t, log_p, p)
             value, grad, aux = kd_per_token_and_grad(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tellneo._backend import choose_backend, triton_interpreter_enabled
 from tellneo.ops import _kd_op  # noqa: F401  (registers torch.ops.tellneo.fused_linear_kd_*)
-from tellneo.ops._kd_args import KDConfig, KDInputs, check_args
+from tellneo.ops._kd_args import SHARED, KDConfig, KDInputs, check_args
 from tellneo.ops.divergences import (
     compute_dtype,
     kd_per_token,
@@ -85,8 +85,15 @@ _DOC_ARGS = """
             this call's number of valid tokens (gradient accumulation / DDP then match one big batch). An int,
             float or scalar tensor (a tensor is never read on the host).
         softcap: ``None`` or ``c > 0``: logits become ``c * tanh(logits / c)`` (Gemma-2 final-logit softcapping),
-            applied after ``logit_scale`` and before every softmax (CE and KD, student and teacher).
-        logit_scale: ``> 0``, multiplies the logits of student and teacher (Cohere / Granite style) before softcap.
+            applied after ``logit_scale`` and before every softmax (CE and KD); the student's, and the teacher's
+            too unless ``teacher_softcap`` says otherwise.
+        logit_scale: ``> 0``, multiplies the logits before softcap (Cohere ``logit_scale``; Granite divides by
+            ``logits_scaling``, i.e. ``logit_scale = 1 / logits_scaling``); the student's, and the teacher's unless
+            ``teacher_logit_scale`` is given.
+        teacher_softcap: the teacher's own softcap (``None`` = none), or ``"shared"`` (default): ``softcap``.
+        teacher_logit_scale: the teacher's own logit scale, or ``"shared"`` (default): ``logit_scale``. Two
+            models of different families (e.g. a Gemma-2 teacher and a Llama student) each get their own transform;
+            :func:`tellneo.recipes.head.kd_transform_kwargs` reads them from the models.
         reduction: ``"mean"`` (sum over valid tokens / their count, 0 when there are none), ``"sum"``, or
             ``"none"`` (per-token losses with the leading shape of ``student_hidden``, 0 on ignored rows).
         return_parts: return a :class:`KDLossOutput` (loss, ce, kd, num_tokens) instead of the loss tensor.
@@ -96,7 +103,7 @@ _DOC_ARGS = """
         :class:`KDLossOutput` with ``return_parts=True``.
 
     Math, per valid token with student logits ``z = transform(h W^T + b)`` (``transform`` = logit_scale then
-    softcap) and teacher logits ``u`` likewise: ``CE = logsumexp(z) - z[label]``; ``KD = c * D(softmax(u / T),
+    softcap) and teacher logits ``u`` likewise (with the teacher's transform): ``CE = logsumexp(z) - z[label]``; ``KD = c * D(softmax(u / T),
     softmax(z / T))`` with ``c = T**2`` if ``t2_scale`` else 1; ``loss_i = (1 - alpha) CE + alpha KD``.
 
     Errors: a bad shape, dtype, device, vocabulary mismatch or option raises ValueError/TypeError naming the
@@ -131,7 +138,7 @@ def _reference_impl(inp: KDInputs, cfg: KDConfig, num_items_in_batch: Any, retur
         s = z / cfg.temperature
         if inp.teacher_weight is not None:
             u = F.linear(inp.teacher_hidden, inp.teacher_weight, inp.teacher_bias).to(cdt)
-            t = transform_logits(u, cfg.logit_scale, cfg.softcap) / cfg.temperature
+            t = transform_logits(u, cfg.teacher_logit_scale, cfg.teacher_softcap) / cfg.temperature
             value = kd_per_token(F.log_softmax(s, -1), F.log_softmax(t, -1), cfg.divergence, cfg.beta)
         else:
             value = topk_kd_per_token(
@@ -186,6 +193,8 @@ def fused_linear_kd_reference(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    teacher_softcap: float | None | str = SHARED,
+    teacher_logit_scale: float | str = SHARED,
     reduction: str = "mean",
     return_parts: bool = False,
 ) -> torch.Tensor | KDLossOutput:
@@ -200,6 +209,7 @@ def fused_linear_kd_reference(
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_topk=teacher_topk, divergence=divergence,
         beta=beta, temperature=temperature, t2_scale=t2_scale, alpha=alpha, ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch, softcap=softcap, logit_scale=logit_scale, reduction=reduction,
+        teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale,
     )
     return _reference_impl(inp, cfg, num_items_in_batch, return_parts)
 
@@ -256,6 +266,8 @@ def fused_linear_kd(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    teacher_softcap: float | None | str = SHARED,
+    teacher_logit_scale: float | str = SHARED,
     reduction: str = "mean",
     return_parts: bool = False,
     backend: str = "auto",
@@ -291,6 +303,7 @@ def fused_linear_kd(
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_topk=teacher_topk, divergence=divergence,
         beta=beta, temperature=temperature, t2_scale=t2_scale, alpha=alpha, ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch, softcap=softcap, logit_scale=logit_scale, reduction=reduction,
+        teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale,
     )
     chosen = _choose(inp, backend)
     sh = inp.student_hidden
@@ -318,7 +331,8 @@ def fused_linear_kd(
         _det(inp.teacher_hidden), _det(inp.teacher_weight), _det(inp.teacher_bias),
         inp.labels, inp.topk_ids, _det(inp.topk_logprobs), grad_scale,
         cfg.divergence, cfg.beta, cfg.temperature, cfg.kd_scale, cfg.alpha, cfg.ignore_index,
-        cfg.softcap, cfg.logit_scale, chosen, need_dh, need_dw, need_db, fused,
+        cfg.softcap, cfg.logit_scale, cfg.teacher_softcap, cfg.teacher_logit_scale, chosen, need_dh, need_dw, need_db,
+        fused,
     )
     if cfg.reduction == "none":
         loss = ((1.0 - cfg.alpha) * ce + cfg.alpha * kd).reshape(inp.lead_shape)

@@ -154,10 +154,11 @@ def last_hidden_state(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tens
 
 
 def teacher_hidden_state(teacher: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
-    """``[B, T, H]`` final hidden states of a frozen teacher: its decoder body only, under ``no_grad``."""
+    """``[B, T, H]`` final hidden states of a frozen teacher, under ``no_grad``: :func:`last_hidden_state`, so the
+    root module is called (an FSDP2-sharded teacher gathers its parameters in the root's hooks) and no logits are
+    computed."""
     with torch.no_grad():
-        out = decoder_of(teacher)(**inputs, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return last_hidden_state(teacher, inputs)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tellneo.ops import fused_linear_kd
-from tellneo.recipes.common import output_head, teacher_hidden_state
+from tellneo.recipes.common import teacher_hidden_state
+from tellneo.recipes.head import OutputHead, head_logits, kd_transform_kwargs, read_head
 
 __all__ = ["distill_metrics", "eval_batches", "render_prompt", "task_accuracy"]
 
@@ -39,14 +40,15 @@ def eval_batches(dataset: Any, batch_size: int, *, extra: Callable[[Sequence[int
         yield batch
 
 
-def _dense_sums(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, th: torch.Tensor, tw: torch.Tensor,
-                tb: torch.Tensor | None, labels: torch.Tensor, temperature: float, chunk: int) -> dict[str, float]:
-    """Sums over rows of CE, KL(teacher || student), top-1 agreement and teacher CE, from ``[chunk, V]`` logits."""
-    vocab = sw.shape[0]
+def _dense_sums(sh: torch.Tensor, student: OutputHead, th: torch.Tensor, teacher: OutputHead, labels: torch.Tensor,
+                temperature: float, chunk: int) -> dict[str, float]:
+    """Sums over rows of CE, KL(teacher || student), top-1 agreement and teacher CE, from ``[chunk, V]`` logits
+    (each model's own, final-logit transform included)."""
+    vocab = student.weight.shape[0]
     sums = dict.fromkeys(("ce", "kl", "agree", "teacher_ce"), 0.0)
     for a in range(0, sh.shape[0], chunk):
-        z = F.linear(sh[a : a + chunk], sw, sb).float()
-        u_full = F.linear(th[a : a + chunk], tw, tb).float()
+        z = head_logits(student, sh[a : a + chunk])
+        u_full = head_logits(teacher, th[a : a + chunk])
         u = u_full[:, :vocab]  # a padded teacher head is compared on the shared ids, as in training
         lab = labels[a : a + chunk, None]
         sums["ce"] += float((torch.logsumexp(z, -1) - z.gather(1, lab)[:, 0]).sum())
@@ -80,17 +82,18 @@ def distill_metrics(
     hidden states of the trained positions per batch index, so the teacher's decoder runs only once.
 
     Returns ``{"ce", "ppl", "kl", "top1_agreement", "teacher_ce", "tokens"}``: per-token means (``kl`` at
-    ``temperature``), entries that need a teacher are NaN without one. Logits exist only in ``[chunk, V]``
+    ``temperature``) of each model's own logits (final-logit softcap / scale included, see
+    :mod:`tellneo.recipes.head`), entries that need a teacher are NaN without one. Logits exist only in ``[chunk, V]``
     pieces. The student is put in eval mode and restored afterwards.
     """
     was_training = student.training
     student.eval()
     if teacher is not None:
         teacher.eval()
-    sw, sb = output_head(student)
-    tw = tb = None
-    if teacher is not None:
-        tw, tb = output_head(teacher)
+    s_head = read_head(student)
+    sw, sb = s_head.weight, s_head.bias
+    student_transform = kd_transform_kwargs(s_head.transform)
+    t_head = read_head(teacher) if teacher is not None else None
     sums = dict.fromkeys(("ce", "kl", "agree", "teacher_ce"), 0.0)
     tokens = 0
     mode = "none"
@@ -108,22 +111,23 @@ def distill_metrics(
             if teacher is not None:
                 th = teacher_cache.get(index) if teacher_cache is not None else None
                 if th is None:
-                    th = teacher_hidden_state(teacher, inputs)[valid].to(tw.dtype)
+                    th = teacher_hidden_state(teacher, inputs)[valid].to(t_head.weight.dtype)
                     if teacher_cache is not None:
                         teacher_cache[index] = th
-                part = _dense_sums(sh, sw, sb, th, tw, tb, lab, temperature, chunk)
+                part = _dense_sums(sh, s_head, th, t_head, lab, temperature, chunk)
                 mode = "dense"
             elif _TOPK_IDS in batch:
                 ids, lps = batch[_TOPK_IDS].to(device)[valid], batch[_TOPK_LOGPROBS].to(device)[valid]
                 out = fused_linear_kd(sh, sw, None, None, lab, student_bias=sb, teacher_topk=(ids, lps),
-                                      temperature=temperature, alpha=0.5, reduction="sum", return_parts=True)
-                top1 = torch.cat([F.linear(sh[a : a + chunk], sw, sb).argmax(-1) for a in range(0, n, chunk)])
+                                      temperature=temperature, alpha=0.5, reduction="sum", return_parts=True,
+                                      **student_transform)
+                top1 = torch.cat([head_logits(s_head, sh[a : a + chunk]).argmax(-1) for a in range(0, n, chunk)])
                 part = {"ce": float(out.ce), "kl": float(out.kd), "agree": float((top1 == ids[:, 0]).sum()),
                         "teacher_ce": 0.0}
                 mode = "topk"
             else:
                 part = {"ce": float(fused_linear_kd(sh, sw, None, None, lab, student_bias=sb, alpha=0.0,
-                                                    reduction="sum"))}
+                                                    reduction="sum", **student_transform))}
             for key, value in part.items():
                 sums[key] += value
             tokens += n

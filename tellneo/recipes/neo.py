@@ -20,10 +20,13 @@ dropping the teacher rows ``>= V_student`` and renormalising the teacher over th
 Multi-process: :class:`NeoTrainer` runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP): the student is
 wrapped by the Trainer, each rank holds its own frozen teacher, the loss is normalised by the token count of the
 global batch (``num_items_in_batch`` gathered across ranks), so N ranks give the gradients of one process with the
-same global batch. For models that do not fit one device, use FSDP through the Trainer's ``fsdp`` /
-``fsdp_config`` arguments (or ``accelerate launch --use_fsdp``) for the student, and shard or offload the teacher
-yourself (e.g. load it with ``device_map="auto"``) or precompute its top-k log-probabilities once with
-:func:`tellneo.recipes.offline.precompute_teacher_topk` and train without it.
+same global batch. For models that do not fit one device, use FSDP2: the student through the Trainer's ``fsdp`` /
+``fsdp_config={"version": 2, ...}`` arguments (or ``accelerate launch --use_fsdp --fsdp_version 2``), the teacher
+sharded yourself with ``fully_shard`` (each decoder layer, then the root) before it is passed in. Both are called
+through their root modules, so FSDP's hooks gather their parameters (tests/recipes/test_fsdp.py: 2 gloo
+processes, both sharded, give the unsharded loss and FSDP's mean of the unsharded gradients). Or precompute the
+teacher's top-k log-probabilities once with :func:`tellneo.recipes.offline.precompute_teacher_topk` and train
+without it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from tellneo.recipes.common import (
     output_head,
     teacher_hidden_state,
 )
+from tellneo.recipes.head import head_transform, kd_transform_kwargs, read_head
 from tellneo.recipes.trainer_utils import RecipeTrainerMixin
 
 logger = logging.getLogger("tellneo")
@@ -294,9 +298,13 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
     Batches: ``input_ids`` / ``labels`` ``[B, T]`` in the unshifted HF convention (-100 = not trained), optional
     ``position_ids`` (packed rows: samples are isolated when there is no ``attention_mask``) and
     ``attention_mask``. ``compute_loss`` takes the student's final hidden states (the model is called through its
-    wrappers with ``logits_to_keep`` empty, so no logits) and the teacher's (its decoder body under ``no_grad``),
+    wrappers with ``logits_to_keep`` empty, so no logits) and the teacher's (the same way, under ``no_grad``),
     shifts the labels left by one (position t predicts token t+1; CE and KD share that one mask), keeps the rows
-    of trained positions only and calls :func:`tellneo.ops.fused_linear_kd` with both ``lm_head`` weights.
+    of trained positions only and calls :func:`tellneo.ops.fused_linear_kd` with both ``lm_head`` weights and
+    each model's own final-logit transform (:func:`tellneo.recipes.head.head_transform`: Gemma-2/3 softcap,
+    Granite / Cohere logit scales), so CE and KD are those of ``model(...).logits``; a model whose head is not a
+    plain Linear with a known transform is refused at construction (``UnsupportedHeadError``). Teacher and student may be FSDP2-sharded (``fully_shard``): both are called through
+    their root modules and a sharded head weight is gathered for the loss.
 
     Normalisation: the Trainer counts the trained tokens of the whole accumulated (and, under DDP, gathered)
     batch into ``num_items_in_batch``; the loss is divided by it, so gradient accumulation and DDP give the
@@ -314,6 +322,9 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
         super().__init__(*args, **kwargs)
         self.kd = kd
         self.teacher = teacher
+        # Each model's own final-logit transform (Gemma-2 softcap, Granite / Cohere scales); refuses unknown heads.
+        self._student_transform = head_transform(self.model)
+        self._teacher_transform = head_transform(teacher) if teacher is not None else None
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             if getattr(teacher, "hf_device_map", None) is None:  # a teacher dispatched with device_map stays put
@@ -339,7 +350,8 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
                 topk = (inputs[TOPK_IDS], inputs[TOPK_LOGPROBS])
             elif self.teacher is not None:
                 teacher_hidden = teacher_hidden_state(self.teacher, model_inputs)
-                teacher_weight, teacher_bias = output_head(self.teacher)
+                head = read_head(self.teacher, self._teacher_transform)
+                teacher_weight, teacher_bias = head.weight, head.bias
             else:
                 raise ValueError("NeoTrainer: kd.alpha > 0 needs a teacher model or batches with teacher top-k "
                                  f"({TOPK_IDS}, {TOPK_LOGPROBS}); use alpha=0 for CE only")
@@ -371,7 +383,9 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
                     teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None,
                     teacher_bias: torch.Tensor | None, topk: tuple[torch.Tensor, torch.Tensor] | None,
                     num_items_in_batch: Any) -> Any:
-        student_weight, student_bias = output_head(model)
+        head = read_head(model, self._student_transform)
+        student_weight, student_bias = head.weight, head.bias
+        teacher_transform = self._teacher_transform if teacher_weight is not None else None
         cast = _autocast_dtype(student_hidden.device.type)
         s_dtype = cast or student_weight.dtype
         t_dtype = cast or (teacher_weight.dtype if teacher_weight is not None else None)
@@ -387,7 +401,7 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
                 teacher_topk=topk, divergence=self.kd.divergence, beta=self.kd.beta,
                 temperature=self.kd.temperature, t2_scale=self.kd.t2_scale, alpha=self.kd.alpha,
                 num_items_in_batch=num_items_in_batch, reduction="mean", return_parts=True,
-                backend=self.kd.backend,
+                backend=self.kd.backend, **kd_transform_kwargs(self._student_transform, teacher_transform),
             )
 
     # -- logging of the parts -------------------------------------------------------------------------------------

@@ -19,17 +19,18 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tellneo.data import PackedCollator
 from tellneo.io import atomic_save_npz, prepare_run_dir
 from tellneo.recipes.common import output_head, teacher_hidden_state
+from tellneo.recipes.head import head_logits, head_transform, read_head
 
 __all__ = ["TopkCollator", "TopkDataset", "dataset_fingerprint", "precompute_teacher_topk"]
 
@@ -51,7 +52,12 @@ def _teacher_fingerprint(teacher: nn.Module) -> dict[str, Any]:
     w, _ = output_head(teacher)
     probe = w[:: max(1, w.shape[0] // 64)].double().sum().item()
     n = sum(p.numel() for p in teacher.parameters())
-    return {"class": type(teacher).__name__, "parameters": n, "head_probe": round(probe, 6)}
+    out = {"class": type(teacher).__name__, "parameters": n, "head_probe": round(probe, 6)}
+    transform = head_transform(teacher)
+    if transform.logit_scale != 1.0 or transform.softcap is not None:
+        # top-k of these logits differ from those of the bare head (as written before the transform was applied)
+        out["logit_transform"] = {"logit_scale": transform.logit_scale, "softcap": transform.softcap}
+    return out
 
 
 def _shard_path(root: Path, epoch: int, shard: int) -> Path:
@@ -61,16 +67,17 @@ def _shard_path(root: Path, epoch: int, shard: int) -> Path:
 @torch.no_grad()
 def _topk_rows(teacher: nn.Module, batch: dict[str, torch.Tensor], k: int, temperature: float, chunk: int,
                vocab_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    weight, bias = output_head(teacher)
+    head = read_head(teacher)
     if vocab_size is not None:  # a padded teacher head: shared ids only, renormalised (as the fused loss does)
-        weight, bias = weight[:vocab_size], None if bias is None else bias[:vocab_size]
-    inputs = {key: batch[key].to(weight.device) for key in ("input_ids", "position_ids")}
+        head = replace(head, weight=head.weight[:vocab_size],
+                       bias=None if head.bias is None else head.bias[:vocab_size])
+    inputs = {key: batch[key].to(head.weight.device) for key in ("input_ids", "position_ids")}
     hidden = teacher_hidden_state(teacher, inputs)  # [B, T, H]
-    flat = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
+    flat = hidden.reshape(-1, hidden.shape[-1])
     ids = torch.empty(flat.shape[0], k, dtype=torch.int32)
     lps = torch.empty(flat.shape[0], k, dtype=torch.float32)
     for a in range(0, flat.shape[0], chunk):
-        logits = F.linear(flat[a : a + chunk], weight, bias).float() / temperature
+        logits = head_logits(head, flat[a : a + chunk]) / temperature  # the teacher's own transform first
         logprobs = torch.log_softmax(logits, dim=-1)
         top = logprobs.topk(k, dim=-1)  # sorted, largest first
         ids[a : a + chunk] = top.indices.to(torch.int32).cpu()

@@ -185,6 +185,49 @@ def test_reference_gradcheck_fp64(opts):
     assert torch.autograd.gradcheck(f, (t["sh"], t["sw"], t["sb"]), eps=1e-6, atol=1e-7)
 
 
+def test_per_model_transforms_are_each_models_own_logits():
+    """The reference with per-model transforms is CE + KL on each model's own transformed logits, written out
+    with torch.nn.functional (independent of tellneo's transform helper): a Gemma-2-like student (softcap 3)
+    against a Cohere-like teacher (scale 2.5) and a Granite-like student (1 / 4) against an uncapped teacher."""
+    cast = make_case(n=9, v=23, bias=True, teacher_bias=True, scale=3.0)
+    for opts, student_fn, teacher_fn in (
+        (dict(softcap=3.0, teacher_softcap=None, teacher_logit_scale=2.5),
+         lambda z: 3.0 * torch.tanh(z / 3.0), lambda u: u * 2.5),
+        (dict(logit_scale=0.25, softcap=None), lambda z: z / 4.0, lambda u: u / 4.0),
+        (dict(logit_scale=0.25, teacher_logit_scale=1.0, teacher_softcap=5.0),
+         lambda z: z / 4.0, lambda u: 5.0 * torch.tanh(u / 5.0)),
+    ):
+        t, args, kw = cast(torch.float64)
+        got = run(fused_linear_kd_reference, t, args, kw, alpha=0.6, **opts)
+        t, args, _ = cast(torch.float64)
+        sh, sw, th, tw, lab = args
+        z = student_fn(torch.nn.functional.linear(sh, sw, t["sb"]))
+        u = teacher_fn(torch.nn.functional.linear(th, tw, t["tb"]))
+        valid = lab != -100
+        ce = torch.nn.functional.cross_entropy(z[valid], lab[valid], reduction="sum")
+        kl = torch.nn.functional.kl_div(torch.log_softmax(z[valid], -1), torch.log_softmax(u[valid], -1),
+                                        log_target=True, reduction="sum")
+        want = (0.4 * ce + 0.6 * kl) / valid.sum()
+        grads = torch.autograd.grad(want, [t["sh"], t["sw"], t["sb"]],
+                                    torch.linspace(0.5, 1.5, 1, dtype=torch.float64).reshape(()))
+        for name, a, b in zip(("loss", "d_hidden", "d_weight", "d_bias"), got, [want, *grads]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{opts} {name}: {m}")
+
+
+def test_shared_transform_is_the_default_for_the_teacher():
+    cast = make_case(n=7, v=19)
+    t, args, kw = cast(torch.float64)
+    shared = run(fused_linear_kd_reference, t, args, kw, softcap=2.0, logit_scale=1.5)
+    t, args, kw = cast(torch.float64)
+    explicit = run(fused_linear_kd_reference, t, args, kw, softcap=2.0, logit_scale=1.5, teacher_softcap=2.0,
+                   teacher_logit_scale=1.5)
+    t, args, kw = cast(torch.float64)
+    other = run(fused_linear_kd_reference, t, args, kw, softcap=2.0, logit_scale=1.5, teacher_softcap=None)
+    for a, b in zip(shared, explicit):
+        assert torch.equal(a, b)
+    assert not torch.allclose(shared[0], other[0])
+
+
 # ----------------------------------------------------------------------------- torch path <-> reference, fp64
 
 TORCH_OPTS = [
@@ -195,6 +238,10 @@ TORCH_OPTS = [
     dict(divergence="jsd", beta=1.0),
     dict(divergence="jsd", beta=0.2, softcap=4.0, logit_scale=1.3),
     dict(divergence="forward_kl", softcap=2.0, temperature=2.0),
+    # per-model transforms: a softcapped student with a scaled, uncapped teacher, and the other way round
+    dict(divergence="forward_kl", softcap=3.0, teacher_softcap=None, teacher_logit_scale=0.5),
+    dict(divergence="reverse_kl", logit_scale=0.7, teacher_softcap=2.5, temperature=1.5),
+    dict(divergence="jsd", beta=0.4, softcap=4.0, logit_scale=1.2, teacher_softcap=2.0, teacher_logit_scale=3.0),
 ]
 
 
@@ -225,6 +272,11 @@ TRITON_CASES = [
     (dict(labels=False), dict(divergence="reverse_kl")),
     (dict(), dict(alpha=0.0, divergence="forward_kl")),
     (dict(), dict(alpha=1.0, divergence="jsd", beta=0.5)),
+    # per-model transforms (student and teacher of different families)
+    (dict(bias=True, teacher_bias=True), dict(divergence="forward_kl", softcap=3.0, teacher_softcap=None,
+                                              teacher_logit_scale=0.6)),
+    (dict(), dict(divergence="jsd", beta=0.3, logit_scale=1.4, teacher_softcap=2.0, temperature=2.0)),
+    (dict(), dict(divergence="reverse_kl", teacher_logit_scale=2.5, reduction="sum")),
 ]
 
 
@@ -537,7 +589,7 @@ def test_opcheck_torch_backend(fused):
     t, args, kw = cast(torch.float32)
     sh, sw, th, tw, lab = args
     op_args = (sh, sw, t["sb"], th, tw, None, lab, None, None, torch.tensor(0.2), "jsd", 0.4, 2.0, 4.0, 0.5, -100,
-               3.0, 1.0, "torch", True, True, True, fused)
+               3.0, 1.0, 2.0, 1.5, "torch", True, True, True, fused)
     torch.library.opcheck(torch.ops.tellneo.fused_linear_kd_fwd.default, op_args)
 
 
@@ -546,7 +598,7 @@ def test_opcheck_triton_backend(splits):
     t, args, kw = cast(torch.float32)
     sh, sw, th, tw, lab = args
     op_args = (sh, sw, None, th, tw, None, lab, None, None, torch.tensor(0.2), "reverse_kl", 0.5, 1.0, 1.0, 0.5,
-               -100, None, 1.0, "triton", True, True, False, False)
+               -100, None, 1.0, 2.0, 0.5, "triton", True, True, False, False)
     torch.library.opcheck(torch.ops.tellneo.fused_linear_kd_fwd.default, op_args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -684,7 +736,7 @@ PTR32 = {"part_ptr", "stats_ptr", "wce_ptr", "wkd_ptr", "glse_ptr", "dh_ptr", "d
          "lse_t_ptr"}
 SCALARS = {"N": "i32", "V": "i32", "HS": "i32", "HT": "i32", "stride_sh": "i32", "stride_sw": "i32",
            "stride_th": "i32", "stride_tw": "i32", "v_per_split": "i32", "inv_temp": "fp32", "logit_scale": "fp32",
-           "softcap": "fp32", "beta": "fp32", "log_1mb": "fp32", "log_b": "fp32"}
+           "softcap": "fp32", "t_logit_scale": "fp32", "t_softcap": "fp32", "beta": "fp32", "log_1mb": "fp32", "log_b": "fp32"}
 CASES = [
     ("_kd_stats_kernel", dict(HAS_LABELS=True, HAS_KD=True, HAS_TEACHER=True, SAME_T=False, DIV=0)),
     ("_kd_jsd_kernel", {}),
@@ -693,7 +745,7 @@ CASES = [
 ]
 for kernel, flags in CASES:
     fn = getattr(K, kernel)
-    consts = dict(HAS_SB=True, HAS_TB=True, HAS_SOFTCAP=True, PRECISION_S=None, PRECISION_T=None, UPCAST=False,
+    consts = dict(HAS_SB=True, HAS_TB=True, HAS_SOFTCAP=True, HAS_TSOFTCAP=True, PRECISION_S=None, PRECISION_T=None, UPCAST=False,
                   BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, **flags)
     sig = {}
     for name in fn.arg_names:
