@@ -145,7 +145,8 @@ class TokenStore:
                     flat.dtype == np.uint64 and int(flat.max()) > _INT64.max):
                 for i, s in enumerate(samples):  # the first bad sample raises an error that names it
                     _as_int_array(s, f"samples[{i}]")
-                raise TypeError(f"samples must hold integer token ids, got {flat.dtype if flat is not None else 'mixed data'}")
+                got = flat.dtype if flat is not None else "mixed data"
+                raise TypeError(f"samples must hold integer token ids, got {got}")
         else:
             arrays = [_as_int_array(s, f"samples[{i}]") for i, s in enumerate(samples)]
             lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
