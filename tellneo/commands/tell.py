@@ -76,14 +76,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tellneo.cli import UserError
+    from tellneo.data.chat import read_text
     from tellneo.recipes.tell import TellConfig, run_tell
 
     anchor = args.anchor
     if args.anchor_file is not None:
-        if not args.anchor_file.is_file():
-            raise UserError(f"--anchor-file {args.anchor_file}: no such file")
-        anchor = args.anchor_file.read_text(encoding="utf-8")
+        anchor = read_text(args.anchor_file, "--anchor-file")
     use_anchor = False if args.no_anchor else (True if anchor is not None else None)
     with recipe_errors():
         cfg = TellConfig(
