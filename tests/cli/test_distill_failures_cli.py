@@ -21,7 +21,8 @@ from tests.recipes.helpers import one_thread, tiny_model_dir  # noqa: F401 (fixt
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "general.jsonl"
-    rows = [{"prompt": f"Tell me about the number {i}.", "response": f"The number {i} is " + "quite nice. " * (1 + i % 5)}
+    rows = [{"prompt": f"Tell me about the number {i}.",
+             "response": f"The number {i} is " + "quite nice. " * (1 + i % 5)}
             for i in range(80)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
