@@ -102,3 +102,20 @@ def test_distill_truncated_gguf(tmp_path, tiny_model_dir, general_jsonl, flag, s
     proc = run_cli("distill", *models, "--data", str(general_jsonl), "--output-dir", "out", "--quiet", cwd=tmp_path)
     assert_one_line_error(proc, "distill", f"cannot load a causal LM from {cut}",
                           f"a GGUF file of {size:,} bytes: truncated or corrupt?")
+
+
+def test_distill_with_a_nan_teacher_weight_stops_at_step_1(tmp_path, tiny_model_dir, general_jsonl):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # layer 1 is not in the built student (every other layer: 0, 2), only the teacher is bad
+        teacher.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    teacher.save_pretrained(tmp_path / "nan-teacher")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "nan-teacher")
+    proc = run_cli("distill", "--teacher", "nan-teacher", "--data", str(general_jsonl), "--max-samples", "40",
+                   "--eval-samples", "4", "--seq-len", "128", "--max-steps", "3", "--output-dir", "out", "--quiet",
+                   cwd=tmp_path)
+    assert_one_line_error(proc, "distill", "non-finite loss nan at step 1; training stopped before applying that "
+                                           "step, and no checkpoint was saved before it")
+    assert not (tmp_path / "out" / "adapter").exists() and not (tmp_path / "out" / "summary.json").exists()
