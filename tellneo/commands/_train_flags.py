@@ -32,9 +32,10 @@ def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, 
     g.add_argument("--save-steps", type=int, default=save_steps, help="save a checkpoint every N steps")
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the newest always)")
     g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 0 = auto: every core on an idle machine, fewer when other processes "
-                        "already keep cores busy (waiting OpenMP threads slow every op down); give N for runs that "
-                        "must be bitwise-reproducible across machine loads")
+                   help="torch CPU threads; 0 = auto: the cores that are idle right now (CPU time of other "
+                        "processes sampled from /proc/stat over 0.25 s; waiting OpenMP threads slow every op down "
+                        "on busy cores), recorded in summary.json; give N for runs that must be "
+                        "bitwise-reproducible across machine loads")
 
 
 def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -52,8 +53,9 @@ def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def apply_threads(requested: int) -> int:
-    """Set torch's CPU thread count (``requested`` > 0, or auto for 0) and return it."""
-    import os
+    """Set torch's CPU thread count (``requested`` > 0, or auto for 0: :func:`tellneo._cpu.auto_threads`) and
+    return it."""
+    import logging
 
     import torch
 
@@ -62,9 +64,10 @@ def apply_threads(requested: int) -> int:
 
         raise UserError(f"--threads must be >= 0, got {requested}")
     if requested == 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        requested = max(1, min(torch.get_num_threads(), cores - int(busy + 0.5)))
+        from tellneo._cpu import auto_threads
+
+        requested, busy = auto_threads(torch.get_num_threads())
+        logging.getLogger("tellneo").debug(f"--threads 0: {requested} thread(s); other work keeps {busy} cores busy")
     torch.set_num_threads(requested)
     return requested
 

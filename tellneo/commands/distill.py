@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"time: {t['total_s']:.0f} s in all (training {t['train_s']:.0f} s, evaluation "
           f"{t['eval_before_s'] + t['eval_after_s']:.0f} s, loading {t['load_models_s']:.0f} s)")
     m0, m1 = summary["machine_at_start"], summary["machine_at_end"]
-    print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores, load average "
+    print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores ({m0['busy_cores']} busy "
+          f"with other work at the start), load average "
           f"{m0['load_avg_1min']} at the start and {m1['load_avg_1min']} at the end")
     print(f"wrote {args.output_dir}/summary.md, summary.json, metrics.jsonl, loss_curve.png and the "
           f"{'adapter' if args.mode == 'lora' else 'model'}")

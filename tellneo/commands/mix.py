@@ -68,8 +68,23 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--window must be >= 0, got {args.window}")
 
 
+def _check_lengths(store: Any, what: str, args: argparse.Namespace) -> None:
+    """One-line errors for samples that cannot be packed into ``--seq-len`` under ``--overlong``."""
+    from tellneo.cli import UserError
+
+    fits = store.lengths <= args.seq_len
+    if args.overlong == "error" and not fits.all():
+        i = int(np.argmax(~fits))
+        raise UserError(f"{what} sample {i} has {int(store.lengths[i])} tokens, more than --seq-len {args.seq_len} "
+                        "(--overlong error): raise --seq-len or pass --overlong truncate or split")
+    if args.overlong == "truncate" and not fits.any():
+        raise UserError(f"every {what} sample is longer than --seq-len {args.seq_len} (the shortest has "
+                        f"{int(store.lengths.min())} tokens), so --overlong truncate would cut all of them: raise "
+                        "--seq-len or pass --overlong split")
+
+
 def _load_data(args: argparse.Namespace, progress: Any) -> tuple[list[dict], list[dict], str, dict[str, str]]:
-    from tellneo.data.chat import read_jsonl
+    from tellneo.data.chat import read_jsonl, read_text
     from tellneo.data.corpora import corpus_fingerprint, python_docs_pairs
     from tellneo.data.tasks import get_task
 
@@ -92,11 +107,7 @@ def _load_data(args: argparse.Namespace, progress: Any) -> tuple[list[dict], lis
     if args.anchor is not None:
         anchor = args.anchor
     elif args.anchor_file is not None:
-        if not args.anchor_file.is_file():
-            from tellneo.cli import UserError
-
-            raise UserError(f"--anchor-file {args.anchor_file}: no such file")
-        anchor = args.anchor_file.read_text(encoding="utf-8")
+        anchor = read_text(args.anchor_file, "--anchor-file")
     if args.no_anchor:
         anchor = ""
     return general, task, anchor, {"general": general_src, "task": task_src}
@@ -126,8 +137,12 @@ def run(args: argparse.Namespace) -> int:
 
         t0 = time.perf_counter()
         progress.set_description(f"tokenizing {len(general_recs)} general + {len(task_recs)} task records")
-        general = tokenize_records(general_recs, tokenizer, vocab_size=len(tokenizer))
-        task = tokenize_records(task_recs, tokenizer, prompt_prefix=anchor, vocab_size=len(tokenizer))
+        general = tokenize_records(general_recs, tokenizer, vocab_size=len(tokenizer),
+                                   source=f"--general {args.general}" if args.general else "general data")
+        task = tokenize_records(task_recs, tokenizer, prompt_prefix=anchor, vocab_size=len(tokenizer),
+                                source=f"--task {args.task}" if args.task else "task data")
+        _check_lengths(general, "general", args)
+        _check_lengths(task, "task (with its anchor prompt)" if anchor else "task", args)
         progress.update(1)
         timings["tokenize_s"] = time.perf_counter() - t0
 

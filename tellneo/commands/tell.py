@@ -76,14 +76,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tellneo.cli import UserError
+    from tellneo.data.chat import read_text
     from tellneo.recipes.tell import TellConfig, run_tell
 
     anchor = args.anchor
     if args.anchor_file is not None:
-        if not args.anchor_file.is_file():
-            raise UserError(f"--anchor-file {args.anchor_file}: no such file")
-        anchor = args.anchor_file.read_text(encoding="utf-8")
+        anchor = read_text(args.anchor_file, "--anchor-file")
     use_anchor = False if args.no_anchor else (True if anchor is not None else None)
     with recipe_errors():
         cfg = TellConfig(
@@ -110,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"time: {t['total_s']:.0f} s in all (training {t['train_s']:.0f} s, accuracy "
           f"{t['eval_before_s'] + t['eval_after_s']:.0f} s)")
     m0, m1 = summary["machine_at_start"], summary["machine_at_end"]
-    print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores, load average "
+    print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores ({m0['busy_cores']} busy "
+          f"with other work at the start), load average "
           f"{m0['load_avg_1min']} at the start and {m1['load_avg_1min']} at the end")
     print(f"wrote {args.output_dir}/summary.md, summary.json, metrics.jsonl, loss_curve.png and the "
           f"{'adapter' if args.mode == 'lora' else 'model'}")

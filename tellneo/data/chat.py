@@ -39,6 +39,9 @@ def _validate_record(rec: Any, where: str) -> dict[str, Any]:
                 raise DataFileError(f"{where}: messages[{j}] needs a role (system/user/assistant) and a string content")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataFileError(f"{where}: the conversation has no assistant turn to train on")
+        if msgs[0]["role"] == "assistant":
+            raise DataFileError(f"{where}: messages[0] is an assistant turn; a conversation must open with a "
+                                "system or user turn (the first reply needs a prompt to answer)")
         return rec
     if "prompt" in rec or "response" in rec:
         if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str):
@@ -74,6 +77,32 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a user-given file (e.g. ``--anchor-file``); DataFileError naming ``what`` and the path when
+    it is missing, a directory, unreadable or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{what} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{what} {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start})") from None
+    except OSError as exc:
+        raise DataFileError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _describe(rec: dict[str, Any]) -> str:
+    """A short quote of a record for error messages (records lose their file line once split or shuffled)."""
+    if "text" in rec:
+        text = rec["text"]
+    elif "messages" in rec:
+        text = next((m["content"] for m in rec["messages"] if m["role"] == "user"), rec["messages"][0]["content"])
+    else:
+        text = rec["prompt"]
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
 def to_messages(rec: dict[str, Any], system: str | None = None) -> list[dict[str, str]]:
     if "messages" in rec:
         msgs = list(rec["messages"])
@@ -84,8 +113,15 @@ def to_messages(rec: dict[str, Any], system: str | None = None) -> list[dict[str
     return msgs
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja2's TemplateError (a template's raise_exception) or transformers' ValueError
+        if not isinstance(exc, (ValueError, TypeError, KeyError, IndexError)) and \
+                type(exc).__module__.split(".")[0] != "jinja2":
+            raise
+        raise DataFileError(f"{where}: the tokenizer's chat template rejects this conversation "
+                            f"({type(exc).__name__}: {exc})") from None
 
 
 def tokenize_records(
@@ -96,21 +132,25 @@ def tokenize_records(
     prompt_prefix: str = "",
     train_prompt: bool = False,
     vocab_size: int | None = None,
+    source: str = "",
 ) -> TokenStore:
     """Tokenize records into a :class:`TokenStore` whose labels train assistant tokens only.
 
     ``prompt_prefix`` is put in front of the first user message (how the TELL recipe attaches an anchor prompt
     in text form); ``system`` adds a system message where there is none. ``train_prompt=True`` trains every
-    token. Raises ValueError if the chat template is not prefix-stable (the prompt's tokens must be a prefix of
-    the conversation's tokens).
+    token. ``source`` (e.g. ``"--task data.jsonl"``) starts every error message. Raises :class:`DataFileError`
+    (a ValueError) when the chat template rejects a conversation or is not prefix-stable for a record (the
+    prompt's tokens must be a prefix of the conversation's tokens; a response that starts with whitespace the
+    tokenizer merges into the prompt's last token breaks this).
     """
+    lead = f"{source}: " if source else ""
     if len(records) == 0:
         raise DataFileError("no records to tokenize")
     texts: list[str] = []
-    spans: list[list[tuple[int, int]]] = []  # per record: (prefix text index, full text index) per assistant turn
+    spans: list[list[tuple[int, int, str]]] = []  # per assistant turn: (prompt text index, full text index, reply)
     plain: list[bool] = []
     for i, rec in enumerate(records):
-        _validate_record(rec, f"record {i}")
+        _validate_record(rec, f"{lead}record {i}")
         if "text" in rec:
             texts.append(rec["text"] + (tokenizer.eos_token or ""))
             spans.append([])
@@ -123,11 +163,12 @@ def tokenize_records(
             if first_user is not None:
                 msgs[first_user] = {**msgs[first_user], "content": prompt_prefix + msgs[first_user]["content"]}
         turns = []
+        where = f"{lead}record {i} ({_describe(rec)})"
         for j, m in enumerate(msgs):
             if m["role"] == "assistant":
-                texts.append(_render(tokenizer, msgs[:j], True))
-                texts.append(_render(tokenizer, msgs[: j + 1], False))
-                turns.append((len(texts) - 2, len(texts) - 1))
+                texts.append(_render(tokenizer, msgs[:j], True, where))
+                texts.append(_render(tokenizer, msgs[: j + 1], False, where))
+                turns.append((len(texts) - 2, len(texts) - 1, m["content"]))
         spans.append(turns)
         plain.append(False)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -143,12 +184,15 @@ def tokenize_records(
             continue
         full = np.asarray(ids[turns[-1][1]], dtype=np.int64)
         label = full.copy() if train_prompt else np.full(full.size, IGNORE_INDEX, dtype=np.int64)
-        for prefix_at, full_at in turns:
+        for prefix_at, full_at, reply in turns:
             prefix, upto = ids[prefix_at], ids[full_at]
             if list(full[: len(upto)]) != list(upto) or upto[: len(prefix)] != prefix:
-                raise ValueError(
-                    f"record {i}: the chat template is not prefix-stable for this tokenizer, so prompt and "
-                    "response tokens cannot be told apart; pass train_prompt=True or use 'text' records"
+                hint = (f"the reply starts with whitespace ({reply[:len(reply) - len(reply.lstrip())]!r}) that the "
+                        "tokenizer merges into the prompt's last token: strip it" if reply[:1].isspace() else
+                        "pass train_prompt=True or use 'text' records")
+                raise DataFileError(
+                    f"{lead}record {i} ({_describe(records[i])}): the prompt's tokens are not a prefix of the "
+                    f"conversation's tokens, so prompt and response tokens cannot be told apart; {hint}"
                 )
             label[len(prefix) : len(upto)] = full[len(prefix) : len(upto)]
         t += 2 * len(turns)

@@ -18,7 +18,7 @@ from tellneo.data import rng
 from tellneo.data.emit import emit_rows
 from tellneo.data.planning import Plan, plan
 from tellneo.data.tell import spread_task_rows
-from tellneo.data.tokens import IGNORE_INDEX, TokenStore
+from tellneo.data.tokens import IGNORE_INDEX, TokenStore, check_pad_id
 
 _SAMPLE_ORDER, _ROW_ORDER = 11, 12
 
@@ -36,7 +36,8 @@ class PackedDataset(torch.utils.data.Dataset):
         seed: drives the per-epoch sample shuffle and row shuffle.
         shuffle: permute samples before packing and rows after (per epoch). Use ``False`` to keep the source
             order (TELL: the mixer already spread the task samples; pair it with ``window``).
-        pad_id: padding token id.
+        pad_id: padding token id (a non-negative int, below ``vocab_size`` when that is given).
+        vocab_size: optional; checks ``pad_id`` against it.
 
     Item ``i`` is row ``i`` of the current epoch as a dict of 1-D tensors ``input_ids``, ``labels``,
     ``position_ids`` (int64, ``[seq_len]``) and ``num_tokens`` (the real tokens before the row's padding).
@@ -55,6 +56,7 @@ class PackedDataset(torch.utils.data.Dataset):
         pad_id: int = 0,
         epoch: int = 0,
         backend: str = "auto",
+        vocab_size: int | None = None,
     ) -> None:
         if not isinstance(source, TokenStore) and not callable(source):
             raise TypeError("source must be a TokenStore or a function epoch -> TokenStore")
@@ -67,7 +69,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self.window = window
         self.seed = seed
         self.shuffle = shuffle
-        self.pad_id = pad_id
+        self.pad_id = check_pad_id(pad_id, vocab_size)
         self.backend = backend
         self._epoch = -1
         self._cache: tuple[TokenStore, Plan, np.ndarray] | None = None
@@ -129,9 +131,14 @@ class PackedDataset(torch.utils.data.Dataset):
               device: torch.device | str | None = None) -> dict[str, Any]:
         """Items ``indices`` of this epoch emitted together (one native call); see :func:`emit_rows`."""
         store, p, order = self._cache
-        idx = np.asarray(indices, dtype=np.int64)
+        idx = np.asarray(indices)
+        if idx.size and (idx.dtype.kind not in "iu" or idx.ndim != 1):
+            raise TypeError(f"row indices must be a 1-D sequence of ints, got dtype {idx.dtype}, shape {idx.shape}")
+        idx = idx.astype(np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(order)):
-            raise IndexError(f"row index out of range [0, {len(order)})")
+            bad = int(idx[(idx < 0) | (idx >= len(order))][0])
+            raise IndexError(f"row index {bad} is out of range: epoch {self.epoch} has {len(order)} rows "
+                             f"(indices 0..{len(order) - 1})")
         return emit_rows(store, p, order[idx], layout=layout, pad_id=self.pad_id, backend=self.backend,
                          device=device)
 

@@ -31,7 +31,7 @@ import torch
 from tellneo._backend import choose_backend
 from tellneo._ext import has_native, native, native_cuda_status
 from tellneo.data.planning import Plan
-from tellneo.data.tokens import IGNORE_INDEX, TokenStore
+from tellneo.data.tokens import IGNORE_INDEX, TokenStore, check_pad_id
 
 LAYOUTS = ("rows", "flat")
 
@@ -103,6 +103,7 @@ def emit_segments(
     """Emit the concatenation of segments as flat ``[T]`` tensors plus ``cu_seqlens`` / ``max_seqlen``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     which = _resolve(backend, device)
+    pad_id = check_pad_id(pad_id)
     src = np.ascontiguousarray(src, dtype=np.int64)
     length = np.ascontiguousarray(length, dtype=np.int64)
     if which == "torch":
@@ -218,6 +219,7 @@ def emit_rows(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    pad_id = check_pad_id(pad_id)
     if plan.num_pieces and int(plan.sample.max()) >= len(store):
         raise ValueError(f"plan refers to sample {int(plan.sample.max())} but the store holds {len(store)} samples")
     if pad_to_multiple_of is not None and layout != "flat":

@@ -9,7 +9,7 @@ import torch
 
 from tellneo.data.emit import emit_rows
 from tellneo.data.planning import plan as make_plan
-from tellneo.data.tokens import TokenStore
+from tellneo.data.tokens import TokenStore, check_pad_id
 
 
 def pack(
@@ -34,7 +34,8 @@ def pack(
         labels: optional list shaped like ``samples``; -100 marks tokens that are not trained. Default: every
             token is trained (label = token).
         strategy / overlong / window: see :mod:`tellneo.data.planning`.
-        pad_id: token id written into padding (its label is always -100).
+        pad_id: token id written into padding (its label is always -100); a non-negative int, below
+            ``vocab_size`` when that is given.
         layout: ``"rows"`` (``[rows, seq_len]`` tensors) or ``"flat"`` (one ``[1, T]`` row without padding, the
             ``DataCollatorWithFlattening`` format).
         vocab_size: if given, ids outside ``[0, vocab_size)`` raise ValueError.
@@ -55,6 +56,7 @@ def pack(
         >>> out["position_ids"].tolist()
         [[0, 1, 2, 0], [0, 1, 0, 1]]
     """
+    pad_id = check_pad_id(pad_id, vocab_size)
     if isinstance(samples, TokenStore):
         if labels is not None:
             raise ValueError("labels must be None when samples is a TokenStore (the store carries its labels)")

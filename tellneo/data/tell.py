@@ -6,6 +6,8 @@ The mixed order for one epoch is a pure function of ``(n_task, n_general, task_r
 * ``K = round(task_ratio * G / (1 - task_ratio))`` task slots among ``T = G + K`` samples (G general samples, each
   used once per epoch). Task samples are drawn in rounds: every round is a fresh permutation of the task set, so
   each task sample repeats about ``K / n_task`` times and no sample repeats before all others have been used.
+  A ratio so close to 1 that K would exceed ``MAX_TASK_SLOTS_PER_SAMPLE`` (100) times the larger input set is
+  refused with a ValueError (0.999999 would otherwise ask for a million task repeats per general sample).
 * ``spread="stratified"`` (default, the *extensive shuffle*): slot k is drawn uniformly inside the k-th of K equal
   strata of ``[0, T)``. **Guarantee**: every window of m consecutive samples holds c task samples with
   ``|c - rho * m| < 2 + rho`` where ``rho = K / T`` (so never a burst, never a drought). A packing plan that keeps
@@ -20,6 +22,7 @@ The mixed order for one epoch is a pure function of ``(n_task, n_general, task_r
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,20 +37,40 @@ SPREADS = ("stratified", "random", "end")
 # Stream ids of the counter-based RNG (rng.stream_id(epoch, purpose, ...)).
 _GENERAL_ORDER, _TASK_ROUND, _SLOTS = 1, 2, 3
 
+# An epoch holds at most this many task slots per sample of the larger input set: a ratio near 1 would otherwise
+# ask for billions of repeats of a few task samples (0.999999 with 300 general samples: 3e8 slots, minutes of work
+# and gigabytes), which is never what TELL means by "mix a few task samples into general data".
+MAX_TASK_SLOTS_PER_SAMPLE = 100
+
 
 def num_task_slots(n_general: int, task_ratio: float) -> int:
     """K such that K / (K + n_general) is as close as possible to ``task_ratio`` (at least 1)."""
     return max(1, int(round(task_ratio * n_general / (1.0 - task_ratio))))
 
 
-def _check_ratio(task_ratio: float) -> None:
-    if isinstance(task_ratio, bool) or not isinstance(task_ratio, (int, float)) or not 0.0 < task_ratio < 1.0:
+def _check_ratio(task_ratio: float) -> float:
+    """``task_ratio`` as a Python float (NumPy scalars accepted); ValueError outside (0, 1) or for a non-number."""
+    if isinstance(task_ratio, (bool, np.bool_)) or not isinstance(task_ratio, numbers.Real) or \
+            not 0.0 < float(task_ratio) < 1.0:
         raise ValueError(f"task_ratio must be a number in (0, 1) (fraction of task samples), got {task_ratio!r}")
+    return float(task_ratio)
 
 
-def _check_seed(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+def _check_seed(name: str, value: int) -> int:
+    """``value`` as a Python int (NumPy integers accepted); ValueError if negative or not an integer."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _check_task_slots(k: int, n_task: int, n_general: int, task_ratio: float) -> None:
+    limit = MAX_TASK_SLOTS_PER_SAMPLE * max(n_task, n_general)
+    if k > limit:
+        raise ValueError(
+            f"task_ratio={task_ratio!r} asks for {k:,} task slots among {n_general:,} general samples (each of the "
+            f"{n_task:,} task samples repeated ~{k // n_task:,} times per epoch); at most "
+            f"{MAX_TASK_SLOTS_PER_SAMPLE} x the larger input set ({limit:,}) is allowed: lower task_ratio or add "
+            "general data")
 
 
 def mix_order(
@@ -61,18 +84,18 @@ def mix_order(
         raise ValueError("the task set is empty: TELL needs at least one task sample")
     if n_general <= 0:
         raise ValueError("the general set is empty: TELL mixes task samples into general data")
-    _check_ratio(task_ratio)
-    _check_seed("seed", seed)
-    _check_seed("epoch", epoch)
+    task_ratio = _check_ratio(task_ratio)
+    seed, epoch = _check_seed("seed", seed), _check_seed("epoch", epoch)
     if spread not in SPREADS:
         raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
     k = num_task_slots(n_general, task_ratio)
+    _check_task_slots(k, n_task, n_general, task_ratio)
     total = n_general + k
 
+    # round r is permutation(n_task, seed, stream_id(epoch, _TASK_ROUND, r)), all rounds in one vectorised pass
     rounds = -(-k // n_task)
-    task_seq = np.concatenate(
-        [rng.permutation(n_task, seed, rng.stream_id(epoch, _TASK_ROUND, r)) for r in range(rounds)]
-    )[:k]
+    streams = rng.stream_ids((epoch, _TASK_ROUND), np.arange(rounds))
+    task_seq = rng.permutations(n_task, seed, streams).reshape(-1)[:k]
     general_seq = rng.permutation(n_general, seed, rng.stream_id(epoch, _GENERAL_ORDER))
 
     if spread == "stratified":

@@ -15,15 +15,38 @@ from typing import Any
 import numpy as np
 
 IGNORE_INDEX = -100
+_INT64 = np.iinfo(np.int64)
+
+
+def _out_of_int64(values: Any) -> int | None:
+    """The first Python int in a flat list/tuple that does not fit int64 (NumPy then makes it float or object)."""
+    if isinstance(values, (list, tuple)):
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and not _INT64.min <= v <= _INT64.max:
+                return v
+    return None
 
 
 def _as_int_array(x: Any, name: str) -> np.ndarray:
-    """A 1-D integer NumPy view/copy of a list, NumPy array or (CPU) torch tensor; TypeError otherwise."""
+    """A 1-D integer NumPy view/copy of a list, NumPy array or (CPU) torch tensor.
+
+    TypeError for non-integer, nested or ragged data; ValueError for ids that do not fit int64 (e.g. uint64
+    values >= 2**63, which a cast would silently wrap to negative numbers) and for arrays that are not 1-D.
+    """
     if hasattr(x, "detach") and hasattr(x, "numpy"):  # torch.Tensor, without importing torch here
         if x.device.type != "cpu":
             x = x.detach().cpu()
         x = x.detach().numpy()
-    arr = np.asarray(x)
+    nested = f"{name} must be a flat sequence of integer token ids, got nested or ragged lists"
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError):  # ragged nesting: NumPy cannot build an array at all
+        raise TypeError(nested) from None
+    big = _out_of_int64(x) if arr.dtype.kind in "fO" else None
+    if big is not None:
+        raise ValueError(f"{name} holds {big}, which does not fit a 64-bit signed token id")
+    if isinstance(x, (list, tuple)) and arr.ndim > 1:
+        raise TypeError(nested)
     if arr.dtype == object:
         raise TypeError(f"{name} must be a sequence of integers, got ragged or non-numeric data")
     if arr.size == 0 and arr.dtype.kind == "f":
@@ -32,7 +55,22 @@ def _as_int_array(x: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must hold integer token ids (int32/int64), got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > _INT64.max:
+        raise ValueError(f"{name} holds {int(arr.max())}, which does not fit a 64-bit signed token id")
     return arr
+
+
+def check_pad_id(pad_id: Any, vocab_size: int | None = None) -> int:
+    """``pad_id`` as a Python int: a non-negative integer (NumPy integers accepted), below ``vocab_size`` when
+    one is given. TypeError / ValueError naming ``pad_id`` otherwise (a padding id outside the vocabulary would
+    make the embedding lookup of every padded row fail, or read a wrong row)."""
+    if isinstance(pad_id, (bool, np.bool_)) or not isinstance(pad_id, (int, np.integer)):
+        raise TypeError(f"pad_id must be an int token id, got {pad_id!r}")
+    if not 0 <= pad_id <= _INT64.max:
+        raise ValueError(f"pad_id must be a token id >= 0, got {pad_id}")
+    if vocab_size is not None and pad_id >= vocab_size:
+        raise ValueError(f"pad_id {pad_id} is out of range for vocab_size={vocab_size}")
+    return int(pad_id)
 
 
 def _narrowest_token_dtype(max_value: int) -> type:
@@ -97,13 +135,18 @@ class TokenStore:
             isinstance(s, list) for s in samples
         ):
             lengths = np.fromiter(map(len, samples), dtype=np.int64, count=len(samples))
-            flat = np.asarray(list(itertools.chain.from_iterable(samples)))
-            if flat.size == 0:
+            try:
+                flat = np.asarray(list(itertools.chain.from_iterable(samples)))
+            except (ValueError, TypeError):  # ragged nesting inside a sample
+                flat = None
+            if flat is not None and flat.size == 0:
                 flat = flat.astype(np.int64)
-            if flat.dtype.kind not in "iu" or flat.ndim != 1:
-                raise TypeError(
-                    f"samples must hold integer token ids, got {flat.dtype if flat.ndim == 1 else 'nested lists'}"
-                )
+            if flat is None or flat.dtype.kind not in "iu" or flat.ndim != 1 or (
+                    flat.dtype == np.uint64 and int(flat.max()) > _INT64.max):
+                for i, s in enumerate(samples):  # the first bad sample raises an error that names it
+                    _as_int_array(s, f"samples[{i}]")
+                got = flat.dtype if flat is not None else "mixed data"
+                raise TypeError(f"samples must hold integer token ids, got {got}")
         else:
             arrays = [_as_int_array(s, f"samples[{i}]") for i, s in enumerate(samples)]
             lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))

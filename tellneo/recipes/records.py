@@ -57,7 +57,8 @@ def tokenize(records: Sequence[dict[str, Any]], tokenizer: Any, *, what: str, vo
 
     if not records:
         raise RecipeError(f"the {what} data is empty")
-    store = tokenize_records(records, tokenizer, prompt_prefix=prompt_prefix, vocab_size=vocab_size)
+    store = tokenize_records(records, tokenizer, prompt_prefix=prompt_prefix, vocab_size=vocab_size,
+                             source=f"the {what} data")
     if max_tokens is not None:
         keep = np.flatnonzero(store.lengths <= max_tokens)
         if keep.size == 0:

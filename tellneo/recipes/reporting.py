@@ -43,12 +43,16 @@ class StageBar:
 
 
 def machine_state() -> dict[str, Any]:
-    """CPU threads torch uses, the 1-minute load average (what else runs on the machine matters for times), and the
-    process's peak memory so far (resident set; allocated CUDA memory on a GPU)."""
+    """CPU threads torch uses, how busy the CPUs are with other work now (``busy_cores``, sampled over 0.2 s; None
+    off Linux) and the 1-minute load average (what else runs on the machine matters for times), and the process's
+    peak memory so far (resident set; allocated CUDA memory on a GPU)."""
     import torch
 
+    from tellneo._cpu import busy_cores
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    state = {"torch_threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "load_avg_1min": round(load, 2),
+    state = {"torch_threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "busy_cores": busy_cores(0.2),
+             "load_avg_1min": round(load, 2),
              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     try:
         import resource

@@ -4,7 +4,9 @@ Ctrl-C that stops at a step boundary with a checkpoint, and ``metrics.jsonl`` lo
 * :class:`RecipeTrainerMixin` — put before ``Trainer`` in the bases. Checkpoints are written into a hidden staging
   directory and renamed into place (a crash never leaves a half-written ``checkpoint-N``); the training sampler
   is sequential, because :class:`tellneo.data.PackedDataset` already fixes the order per ``(seed, epoch)`` (a TELL
-  mix must not be reshuffled; under DDP accelerate gives rank r the r-th block of each global batch).
+  mix must not be reshuffled; under DDP accelerate gives rank r the r-th block of each global batch). Training
+  stops with :class:`NonFiniteError` at the first optimizer step whose loss or gradient norm is NaN/Inf, before
+  that step's update is applied, so the checkpoints on disk are the last good ones and ``--resume`` continues.
 * :class:`InterruptCallback` — the first SIGINT finishes the running optimizer step, saves a checkpoint and
   stops training (agreed across ranks); a second SIGINT raises ``KeyboardInterrupt`` at once.
 * :class:`MetricsJsonlCallback` — every log line (training and evaluation) appended to ``metrics.jsonl``; lines
@@ -22,24 +24,87 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import math
+
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from tellneo.io import atomic_write_text
+from tellneo.recipes.common import RecipeError
 
 logger = logging.getLogger("tellneo")
 
 CHECKPOINT_PREFIX = "checkpoint"
 
+# transformers >= 5 computes the gradient norm in Trainer._get_grad_norm (before the optimizer step): the loss and
+# the norm are checked there, once per optimizer step. Older versions only let us check the loss per micro-batch.
+_GRAD_NORM_HOOK = hasattr(Trainer, "_get_grad_norm")
+
+
+class NonFiniteError(RecipeError):
+    """The loss or gradient norm of an optimizer step is NaN/Inf; training stopped before applying that step."""
+
 
 class RecipeTrainerMixin:
-    """Mixin for ``transformers.Trainer`` subclasses: atomic checkpoints and a sequential training sampler."""
+    """Mixin for ``transformers.Trainer`` subclasses: atomic checkpoints, a sequential training sampler, and a stop
+    at the first non-finite loss or gradient norm.
+
+    The non-finite check costs one host read of a device scalar per optimizer step, right after the gradient
+    norm (which the Trainer computes anyway for clipping and logging) and before the optimizer step; the Trainer's
+    default ``logging_nan_inf_filter`` already reads every micro-batch's loss on the host. Under DDP the verdict is
+    agreed across ranks (one tiny all-reduce). Before each checkpoint the trainable weights are checked too (one
+    pass over them per save), so a checkpoint on disk never holds NaN/Inf weights.
+    """
+
+    _step_loss: torch.Tensor | None = None
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return torch.utils.data.SequentialSampler(dataset)
 
+    # -- non-finite guard ----------------------------------------------------------------------------------------
+    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        step_loss = loss.detach().float().sum()
+        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss  # NaN/Inf stick
+        if not _GRAD_NORM_HOOK:
+            self._check_finite(None)
+        return loss
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)  # type: ignore[misc]
+        self._check_finite(grad_norm)
+        return grad_norm
+
+    def _check_finite(self, grad_norm: Any) -> None:
+        loss, self._step_loss = self._step_loss, None
+        if loss is None:
+            return
+        values = [loss] if grad_norm is None else [loss, torch.as_tensor(grad_norm, device=loss.device).float()]
+        bad = not bool(torch.isfinite(torch.stack(values)).all())
+        if not _any_rank(bad):
+            return
+        loss_value = loss.item()
+        what = f"loss {loss_value}" if not math.isfinite(loss_value) else \
+            f"gradient norm {float(grad_norm)} (loss {loss_value:.6g})"
+        self._raise_non_finite(f"non-finite {what} at step {self.state.global_step + 1}; training stopped before "
+                               "applying that step")
+
+    def _raise_non_finite(self, message: str) -> None:
+        latest = last_checkpoint(self.args.output_dir)
+        where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was saved before it"
+        raise NonFiniteError(f"{message}, and {where}: check the data, the models' weights and the learning rate, "
+                             "then rerun (--resume continues from that checkpoint)")
+
+    def _check_weights_finite(self, model: torch.nn.Module) -> None:
+        bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if _any_rank(bool(bad)):
+            self._raise_non_finite(f"the update of step {self.state.global_step} made {len(bad)} trainable "
+                                   f"weight tensor(s) non-finite (first: {bad[0] if bad else 'on another rank'}); "
+                                   "that checkpoint was not saved")
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        self._check_weights_finite(model)
         run_dir = Path(self._get_output_dir(trial=trial))
         name = f"{CHECKPOINT_PREFIX}-{self.state.global_step}"
         staging_root = run_dir / f".staging-{name}"

@@ -179,7 +179,10 @@ def seconds_per_step(seconds: float, global_step: int, resumed_from: Path | None
 
 def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:
     """``trainer.train(resume_from_checkpoint=...)`` with the interrupt protocol of
-    :class:`tellneo.recipes.trainer_utils.InterruptCallback`; returns ``(train output or None, interrupted)``."""
+    :class:`tellneo.recipes.trainer_utils.InterruptCallback`; returns ``(train output or None, interrupted)``.
+
+    A non-finite loss or gradient norm raises :class:`tellneo.recipes.trainer_utils.NonFiniteError` (a
+    RecipeError: one line from the CLI) naming the step and the last good checkpoint."""
     from tellneo.recipes.trainer_utils import InterruptCallback
 
     if resume_from is not None and trainer.args.max_steps > 0:
@@ -195,5 +198,8 @@ def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:
     if callback is None:
         callback = InterruptCallback()
         trainer.add_callback(callback)
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    finally:  # an error inside the loop skips on_train_end: restore the SIGINT handler anyway (idempotent)
+        callback.on_train_end(trainer.args, trainer.state, trainer.control)
     return output, callback.interrupted

@@ -121,3 +121,15 @@ def test_hf_trainer_trains_on_packed_rows(tmp_path):
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(np.isfinite(losses)) and result.global_step == 4
+
+
+def test_dataset_indices_must_be_ints_in_range():
+    ds = PackedDataset(TokenStore.from_sequences([[1, 2, 3], [4, 5]]), 4, shuffle=False)
+    assert len(ds) == 2 and ds[np.int64(1)]["input_ids"].tolist() == [4, 5, 0, 0]
+    for bad in (2, -1, 10**6):
+        with pytest.raises(IndexError, match=rf"row index {bad} is out of range: epoch 0 has 2 rows \(indices 0..1\)"):
+            ds[bad]
+    with pytest.raises(TypeError, match="row indices must be a 1-D sequence of ints"):
+        ds[0.5]  # was silently row 0
+    with pytest.raises(TypeError, match="row indices must be a 1-D sequence of ints"):
+        ds.batch([[0, 1]])

@@ -159,3 +159,50 @@ def test_spread_task_rows_evens_out_rows_inside_windows():
     plain = PackedDataset(lambda epoch: mixed(epoch)[0], 512, shuffle=False, window=400)
     assert np.array_equal(np.sort(spread.row_order), np.arange(len(spread)))
     assert deviation(spread) < 0.5 * deviation(plain)
+
+
+def _task_rounds_loop(n_task, k, seed, epoch):
+    """The task sequence as the plain loop over rounds that mix_order vectorises (the readable reference)."""
+    from tellneo.data import rng
+
+    rounds = -(-k // n_task)
+    return np.concatenate([rng.permutation(n_task, seed, rng.stream_id(epoch, 2, r)) for r in range(rounds)])[:k]
+
+
+@pytest.mark.parametrize("n_task, n_general, ratio, seed, epoch", [(1, 50, 0.5, 0, 0), (7, 300, 0.6, 11, 2),
+                                                                   (40, 30, 0.9, 2**40, 5), (1000, 10, 0.3, 3, 1)])
+def test_vectorised_task_rounds_equal_the_loop(n_task, n_general, ratio, seed, epoch):
+    from tellneo.data.tell import num_task_slots
+
+    is_task, index = mix_order(n_task, n_general, task_ratio=ratio, seed=seed, epoch=epoch)
+    k = num_task_slots(n_general, ratio)
+    assert np.array_equal(index[is_task], _task_rounds_loop(n_task, k, seed, epoch))
+
+
+def test_numpy_scalars_are_accepted_as_ratio_seed_and_epoch():
+    a = mix_order(5, 200, task_ratio=0.25, seed=3, epoch=1)
+    b = mix_order(np.int32(5), 200, task_ratio=np.float32(0.25), seed=np.int64(3), epoch=np.uint8(1))
+    c = mix_order(5, 200, task_ratio=np.float64(0.25), seed=np.uint64(3), epoch=np.int16(1))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and all(np.array_equal(x, y) for x, y in zip(a, c))
+    samples, _, is_task = tell_mix([[1, 2]], [[3, 4]] * 10, anchor_ids=[], task_ratio=np.float32(0.3),
+                                   seed=np.int64(1), epoch=np.int32(0))
+    assert int(is_task.sum()) == 4 and len(samples) == 14
+    for bad in (np.bool_(True), True, "0.5", float("nan"), np.float32(1.0)):
+        with pytest.raises(ValueError, match="task_ratio must be a number in"):
+            mix_order(5, 200, task_ratio=bad, seed=0, epoch=0)
+
+
+def test_a_ratio_near_one_is_refused_at_once_and_large_legit_mixes_stay_fast():
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"task_ratio=0.999999 asks for 299,999,700 task slots among 300 general .* "
+                                         r"at most 100 x the larger input set \(30,000\)"):
+        tell_mix([[1, 2]] * 8, [[3, 4, 5]] * 300, anchor_ids=[], task_ratio=0.999999, seed=0, epoch=0)
+    assert time.perf_counter() - t0 < 5  # refused before any work (it ran past 300 s before)
+    # just inside the bound: 99 task slots per general sample, each of 8 task samples ~3.7k times
+    is_task, index = mix_order(8, 300, task_ratio=0.99, seed=0, epoch=0)
+    assert int(is_task.sum()) == 29700 and sorted(np.bincount(index[is_task]).tolist()) == [3712] * 4 + [3713] * 4
+    # one task sample in a large general stream: 200k rounds, vectorised (a Python loop took ~10 s)
+    is_task, index = mix_order(1, 200_000, task_ratio=0.5, seed=0, epoch=0)
+    assert int(is_task.sum()) == 200_000 and not index[is_task].any()

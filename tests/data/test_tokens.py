@@ -82,3 +82,47 @@ def test_flat_store_validation():
         TokenStore.from_flat(np.array([1, 2]), np.array([0, 3]))
     with pytest.raises(ValueError, match="non-decreasing"):
         TokenStore.from_flat(np.array([1, 2, 3]), np.array([0, 2, 1, 3]))
+
+
+@pytest.mark.parametrize(
+    "samples, error, match",
+    [
+        ([[1, 2], [3, [4, 5]]], TypeError, r"samples\[1\] must be a flat sequence of integer token ids, got nested"),
+        ([[[1, 2], [3]], [4]], TypeError, r"samples\[0\] must be a flat sequence of integer token ids"),
+        ([[1], (2, [3])], TypeError, r"samples\[1\] must be a flat sequence"),
+        ([np.array([2**63 + 1], dtype=np.uint64)], ValueError, r"samples\[0\] holds 9223372036854775809, which does "
+                                                               "not fit a 64-bit signed token id"),
+        ([[1, 2], [2**63 + 1, 1]], ValueError, r"samples\[1\] holds 9223372036854775809"),
+        ([[2**64 + 1]], ValueError, r"samples\[0\] holds 18446744073709551617"),
+    ],
+)
+def test_ragged_nested_and_out_of_int64_ids_are_named(samples, error, match):
+    with pytest.raises(error, match=match):
+        TokenStore.from_sequences(samples)
+    with pytest.raises(error, match=match):
+        pack(samples, 8)
+
+
+def test_unsigned_ids_that_fit_are_accepted_exactly():
+    store = TokenStore.from_sequences([np.array([1, 2**40], dtype=np.uint64), np.array([7], dtype=np.uint32)])
+    assert store.tokens.dtype == np.int64 and store.tokens.tolist() == [1, 2**40, 7]
+
+
+def test_pad_id_is_checked_against_the_vocabulary():
+    from tellneo.data import PackedDataset
+
+    out = pack([[1, 2, 3], [4]], 3, pad_id=np.int64(9), vocab_size=10)
+    assert out["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    for backend in ("torch", "cpp"):
+        with pytest.raises(ValueError, match="pad_id 10 is out of range for vocab_size=10"):
+            pack([[1, 2, 3], [4]], 3, pad_id=10, vocab_size=10, backend=backend)
+        with pytest.raises(ValueError, match="pad_id must be a token id >= 0, got -1"):
+            pack([[1, 2, 3], [4]], 3, pad_id=-1, backend=backend)
+    for bad in (2.0, True, "0", None):
+        with pytest.raises(TypeError, match="pad_id must be an int token id"):
+            pack([[1]], 3, pad_id=bad)
+    store = TokenStore.from_sequences([[1, 2, 3], [4]])
+    with pytest.raises(ValueError, match="pad_id 50 is out of range for vocab_size=50"):
+        PackedDataset(store, 3, pad_id=50, vocab_size=50)
+    with pytest.raises(ValueError, match="pad_id must be a token id >= 0"):
+        PackedDataset(store, 3, pad_id=-100)

@@ -195,3 +195,70 @@ def test_kd_without_teacher_is_refused(tmp_path):
     batch = PackedCollator()(trainer.train_dataset.__getitems__([0, 1]))
     with pytest.raises(ValueError, match="needs a teacher"):
         trainer.compute_loss(trainer.model, batch)
+
+
+def _trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_nan_loss_stops_before_its_update_and_keeps_the_last_good_checkpoint(tmp_path):
+    import signal
+
+    from transformers import TrainerCallback
+
+    from tellneo.recipes.trainer_utils import NonFiniteError
+    from tellneo.recipes.training import run_training
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                self.after_step_2 = _trainable_state(model)
+
+    snap = Snapshot()
+    trainer = make_trainer(tmp_path, max_steps=4, save_steps=2, callbacks=[snap])
+    compute = trainer.compute_loss
+
+    def nan_at_step_3(model, inputs, *a, **kw):
+        loss = compute(model, inputs, *a, **kw)
+        return loss * float("nan") if trainer.state.global_step == 2 else loss
+
+    trainer.compute_loss = nan_at_step_3
+    with pytest.raises(NonFiniteError, match=r"non-finite loss nan at step 3; training stopped before applying that "
+                                             r"step, and the last good checkpoint is .*checkpoint-2: "):
+        run_training(trainer, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored despite the error
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint-2"]
+    now = _trainable_state(trainer.model)
+    assert now.keys() == snap.after_step_2.keys() and all(torch.equal(now[k], snap.after_step_2[k]) for k in now)
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_at_once(tmp_path):
+    from tellneo.recipes.trainer_utils import NonFiniteError
+
+    trainer = make_trainer(tmp_path, max_steps=3, grad_accum=2)
+    param = next(p for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_B" in n)
+    param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = _trainable_state(trainer.model)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient norm inf \(loss [0-9.]+\) at step 1; .* no "
+                                             "checkpoint was saved before it"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in _trainable_state(trainer.model).items())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    from transformers import TrainerCallback
+
+    from tellneo.recipes.trainer_utils import NonFiniteError
+
+    class Overflow(TrainerCallback):  # what an update that overflows leaves behind
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 4:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).fill_(float("inf"))
+
+    trainer = make_trainer(tmp_path, max_steps=6, save_steps=2, callbacks=[Overflow()])
+    with pytest.raises(NonFiniteError, match=r"the update of step 4 made 1 trainable weight tensor\(s\) non-finite "
+                                             r"\(first: .*lora_A.*\); that checkpoint was not saved, and the last "
+                                             "good checkpoint is .*checkpoint-2"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint-2"]
