@@ -12,6 +12,7 @@ from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 from tellneo.integrations.transformers import is_patched, patch_causal_lm
 from tellneo.ops import fused_linear_kd_reference
 from tellneo.recipes.neo import KDSettings
+from tests.integrations.gkd_jobs import word_tokenizer
 from tests.recipes.helpers import one_thread  # noqa: F401 (fixture)
 
 VOCAB = tiny_llama_config().vocab_size
@@ -201,18 +202,6 @@ def test_trainer_with_gradient_accumulation_is_unchanged(tmp_path):
     assert fused_losses == pytest.approx(stock_losses, rel=1e-4)
     for name in stock_params:
         torch.testing.assert_close(fused_params[name], stock_params[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-def word_tokenizer():
-    """A word-level tokenizer over the tiny vocabulary (t0 = pad, t1 = eos), for trainers that need one."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t2"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
 
 
 def test_trl_sft_trainer_with_a_patched_model_is_unchanged(tmp_path):
