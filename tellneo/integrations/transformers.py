@@ -81,7 +81,7 @@ def read_head(model: nn.Module) -> HeadSpec:
 
 def fused_head_loss(
     student_hidden: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     student: HeadSpec,
     teacher_hidden: torch.Tensor | None = None,
     teacher: HeadSpec | None = None,
@@ -94,7 +94,8 @@ def fused_head_loss(
     ``lm_head``: under ``torch.autocast`` hidden states and head weights are cast to the autocast dtype and the op
     runs with autocast off (it accumulates in fp32 itself).
 
-    ``student_hidden`` ``[N, Hs]``, ``labels`` ``[N]`` (already shifted), ``teacher_hidden`` ``[N, Ht]`` or None;
+    ``student_hidden`` ``[N, Hs]``, ``labels`` ``[N]`` (already shifted) or None (every row a KD token),
+    ``teacher_hidden`` ``[N, Ht]`` or None;
     ``kd``: the op's loss options (``alpha``, ``divergence``, ``beta``, ``temperature``, ``t2_scale``,
     ``backend``, ``return_parts``). Student and teacher must share the final-logit transform (the op takes one).
     Returns what the op returns (``reduction="mean"``).

@@ -17,8 +17,11 @@ Use it exactly like ``GKDTrainer`` (same arguments, plus ``fused_backend`` for t
     trainer = FusedGKDTrainer(model=student, teacher_model=teacher, args=GKDConfig(...), train_dataset=ds,
                               processing_class=tokenizer)
 
-TRL's ``DistillationTrainer`` already computes its loss with its own chunked kernel (no full logits), so it has no
-tellneo subclass here.
+* :class:`FusedDistillationTrainer` — TRL's ``DistillationTrainer`` (when the installed TRL has it) whose
+  per-batch loss is tellneo's fused op instead of TRL's own chunked divergence (which also never builds full
+  logits): the same generalised JSD with the trainer's ``beta`` and ``temperature`` over the completion tokens
+  (times ``tool_mask`` in multi-turn runs), normalised the same way. Text models only: a batch carrying image
+  fields is refused. The ``entropy`` metric is not computed by the fused loss and is logged as ``nan``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ try:  # TRL >= 0.2x moved GKD to trl.experimental
 except ImportError:  # pragma: no cover - older TRL
     from trl import GKDTrainer
 
-__all__ = ["FusedGKDTrainer", "gkd_fused_loss"]
+try:
+    from trl import DistillationTrainer
+except ImportError:  # pragma: no cover - TRL without it
+    DistillationTrainer = None
+
+__all__ = ["FusedDistillationTrainer", "FusedGKDTrainer", "gkd_fused_loss"]
 
 
 def gkd_fused_loss(student: nn.Module, teacher: nn.Module, inputs: dict[str, Any], *, beta: float,
@@ -81,3 +89,47 @@ class FusedGKDTrainer(GKDTrainer):
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             return loss, outputs
         return loss
+
+
+_IMAGE_FIELDS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                 "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+if DistillationTrainer is not None:
+
+    class FusedDistillationTrainer(DistillationTrainer):
+        """``trl.DistillationTrainer`` whose loss is :func:`tellneo.ops.fused_linear_kd` (``divergence="jsd"``,
+        the trainer's ``beta`` and ``temperature``, KD only). Extra keyword argument: ``fused_backend``."""
+
+        def __init__(self, *args: Any, fused_backend: str = "auto", **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.fused_backend = fused_backend
+
+        def _compute_loss(self, unwrapped_student: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            present = [k for k in _IMAGE_FIELDS if k in inputs]
+            if present:
+                raise ValueError(f"FusedDistillationTrainer handles text models only; this batch carries {present} "
+                                 "(use trl.DistillationTrainer for vision-language models)")
+            input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            loss_mask = inputs["completion_mask"]
+            if "tool_mask" in inputs:
+                loss_mask = loss_mask * inputs["tool_mask"]
+            keep = inputs["completion_ids"].size(1)
+            # TRL's own hidden-state helper and wrapper routing, so DDP / FSDP see both forwards as in the stock loss
+            student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep)
+            self.teacher_model.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with torch.no_grad():
+                teacher_hidden = self._forward_redirection(
+                    self.teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher,
+                    input_ids, attention_mask, keep)
+            valid = (loss_mask != 0).to(student_hidden.device)
+            out = fused_head_loss(
+                student_hidden[valid], None, read_head(unwrapped_student), teacher_hidden[valid].to(
+                    student_hidden.device), read_head(unwrapped_teacher), num_items_in_batch=num_items_in_batch,
+                alpha=1.0, divergence="jsd", beta=self.beta, temperature=self.temperature,
+                backend=self.fused_backend, return_parts=True,
+            )
+            nan = torch.full((), float("nan"), device=out.loss.device)  # entropy: not computed by the fused op
+            return out.loss, nan, out.num_tokens
