@@ -226,3 +226,36 @@ def test_trl_sft_trainer_with_a_patched_model_is_unchanged(tmp_path):
 
     stock, fused = run(False), run(True)
     assert len(stock) == 2 and fused == pytest.approx(stock, rel=1e-5)
+
+
+def test_gradient_checkpointing_and_autocast():
+    inputs = batch()
+    model = tiny()
+    stock, g_stock = loss_and_grads(model, inputs)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with patch_causal_lm(model):
+        fused, g_fused = loss_and_grads(model, {**inputs, "use_cache": False})
+    torch.testing.assert_close(fused.loss, stock.loss, rtol=1e-5, atol=1e-6)
+    for name in g_stock:
+        torch.testing.assert_close(g_fused[name], g_stock[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    model = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock_bf16 = model(**inputs).loss
+        with patch_causal_lm(model):
+            fused_bf16 = model(**inputs).loss
+    assert fused_bf16.dtype == torch.float32
+    # the head matmul runs in bf16 on both paths; the reductions differ in order, so bf16-level agreement
+    torch.testing.assert_close(fused_bf16, stock_bf16.float(), rtol=2e-2, atol=0)
+    assert abs(float(fused_bf16) - float(stock.loss)) / float(stock.loss) < 2e-2
+
+
+@pytest.mark.slow
+def test_through_torch_compile():
+    inputs = batch()
+    stock = tiny()(**inputs).loss
+    compiled = torch.compile(tiny(), backend="eager")  # a wrapper around the model: patched through it
+    with patch_causal_lm(compiled):
+        out = compiled(**inputs)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, stock, rtol=1e-5, atol=1e-6)
