@@ -16,7 +16,9 @@ TRL's ``SFTTrainer`` work unchanged. With ``teacher=`` the loss is ``(1 - alpha)
 student)`` (:class:`tellneo.recipes.neo.KDSettings`), the teacher run under ``no_grad`` on the same
 ``input_ids`` / ``attention_mask`` / ``position_ids``.
 
-Every other call (no labels, eval mode, ``generate``) is the model's own forward, with logits. Under
+Every other call (no labels, eval mode, ``generate``) is the model's own forward, with logits. A mixture-of-experts
+model called with ``output_router_logits`` gets its router loss added as its own forward adds it
+(``router_aux_loss_coef * aux_loss``). Under
 ``torch.autocast`` the head matmul runs in the autocast dtype (as the model's ``lm_head`` would); the loss is
 accumulated in fp32 (the HF loss also upcasts).
 
@@ -170,9 +172,10 @@ def _fused_forward(lm: nn.Module, state: dict[str, Any], kwargs: dict[str, Any])
     if ref is None:
         ref = kwargs.get("inputs_embeds")
     model_kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=ref.device)
+    return_dict = model_kwargs.pop("return_dict", None)
     body = decoder_of(lm)
     with _capture_output(body) as captured:
-        out = state["original"](**model_kwargs)
+        out = state["original"](**model_kwargs, return_dict=True)
     if len(captured) != 1:
         raise RuntimeError(f"patch_causal_lm: expected one decoder call, saw {len(captured)}")
     hidden = captured[0].last_hidden_state if hasattr(captured[0], "last_hidden_state") else captured[0][0]
@@ -192,7 +195,17 @@ def _fused_forward(lm: nn.Module, state: dict[str, Any], kwargs: dict[str, Any])
         return_parts=True,
     )
     state["last_parts"] = parts
-    return type(out)(**{**out, "loss": parts.loss, "logits": None})
+    loss = parts.loss
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:  # MoE with output_router_logits: the model adds its router loss to the LM loss
+        if not hasattr(lm, "router_aux_loss_coef"):
+            raise ValueError(f"patch_causal_lm: {type(lm).__name__} returns an aux_loss without a "
+                             "router_aux_loss_coef; its total loss is unknown here (undo the patch for it)")
+        loss = loss + lm.router_aux_loss_coef * aux.to(loss.device)
+    out = type(out)(**{**out, "loss": loss, "logits": None})
+    if return_dict is False or (return_dict is None and not getattr(lm.config, "return_dict", True)):
+        return out.to_tuple()
+    return out
 
 
 class _PatchedForward:

@@ -259,3 +259,25 @@ def test_through_torch_compile():
         out = compiled(**inputs)
         assert out.logits is None
         torch.testing.assert_close(out.loss, stock, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_router_loss_and_tuple_outputs():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             num_local_experts=4, num_experts_per_tok=2,
+                                             router_aux_loss_coef=0.5)).train()
+    inputs = {**batch(), "output_router_logits": True}
+    stock = model(**inputs)
+    assert stock.aux_loss is not None
+    with patch_causal_lm(model):
+        fused = model(**inputs)
+        torch.testing.assert_close(fused.loss, stock.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.aux_loss, stock.aux_loss)
+        as_tuple = tiny()
+        with patch_causal_lm(as_tuple):
+            out = as_tuple(**batch(), return_dict=False)
+        assert isinstance(out, tuple)
+        torch.testing.assert_close(out[0], tiny()(**batch()).loss, rtol=1e-5, atol=1e-6)
