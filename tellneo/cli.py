@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
+        if getattr(args, "config", None) is not None:  # --config MANIFEST: its settings become the defaults
+            args = args.reparse_with_config(parser, argv, args)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print(f"\ntellneo {args.command}: interrupted", file=sys.stderr)

@@ -29,6 +29,10 @@ def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, 
     g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     g.add_argument("--logging-steps", type=int, default=1, help="log (and write metrics.jsonl) every N steps")
+    g.add_argument("--report-to", default="none",
+                   help="also send the training logs to these Trainer integrations: none, tensorboard (event files "
+                        "under OUTPUT_DIR/checkpoints/runs; pip install 'tellneo[tensorboard]'), wandb, mlflow, ... "
+                        "(comma-separated; all = every installed one)")
     g.add_argument("--save-steps", type=int, default=save_steps, help="save a checkpoint every N steps")
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the newest always)")
     g.add_argument("--threads", type=int, default=0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tellneo.commands._config import add_config_flag
 from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe_errors, train_settings
 
 
@@ -56,8 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "resumable) and train without the teacher; held-out KL is then the top-K bucket KL")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", type=Path, help="general instruction data jsonl (prompt/response, messages or text "
-                                             "records; default: pairs from Python's documentation)")
+    g.add_argument("--data", type=Path, help="general instruction data: a jsonl, parquet or arrow file or a "
+                                             "datasets save_to_disk directory of prompt/response, messages or text "
+                                             "records (default: pairs from Python's documentation)")
     g.add_argument("--max-samples", type=int, default=1200, help="use at most this many records (0 = all)")
     g.add_argument("--eval-samples", type=int, default=24, help="records held out for evaluation")
     g.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (longer samples are dropped)")
@@ -70,7 +72,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir")
     g.add_argument("--save-merged", action="store_true", help="also save the student with the adapter merged in")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flag(p, "distill", _manifest_flags)
     p.set_defaults(run=run)
+
+
+def _manifest_flags(config: dict) -> dict:
+    """Manifest entries whose flag differs in name or meaning (see :mod:`tellneo.commands._config`)."""
+    flags = {"no_fused_lora": not config.pop("fused_lora", True)}
+    if "max_samples" in config:
+        flags["max_samples"] = config.pop("max_samples") or 0
+    return flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
             output_dir=str(args.output_dir), train=train_settings(args, learning_rate=lr),
         )
         apply_threads(args.threads)
-        summary = run_distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+        summary = run_distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                              report_to=args.report_to)
     if not summary["main_process"]:
         return 0
     print()

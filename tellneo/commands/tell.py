@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tellneo.commands._config import add_config_flag
 from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe_errors, train_settings
 
 
@@ -37,10 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("task")
     g.add_argument("--task", default="date_iso", help="generated task (used without --task-file)")
-    g.add_argument("--task-file", type=Path, help="task pairs jsonl (prompt/response records) instead of a "
-                                                   "generated task")
-    g.add_argument("--test-file", type=Path, help="held-out test pairs jsonl (default: the last --test-samples "
-                                                   "records of --task-file)")
+    g.add_argument("--task-file", type=Path, help="task pairs (prompt/response records; jsonl, parquet, "
+                                                   "arrow or a datasets directory) instead of a generated task")
+    g.add_argument("--test-file", type=Path, help="held-out test pairs, same formats (default: the last "
+                                                   "--test-samples records of --task-file)")
     g.add_argument("--task-samples", type=int, default=32, help="N: task samples used for training")
     g.add_argument("--test-samples", type=int, default=40, help="held-out test prompts scored before and after")
     anchor = g.add_mutually_exclusive_group()
@@ -54,8 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--method", default="tell", choices=["tell", "sft"],
                    help="tell: task samples mixed into general data; sft: task samples alone (baseline; no anchor "
                         "unless --anchor/--anchor-file is given)")
-    g.add_argument("--general", type=Path, help="general instruction data jsonl (default: pairs from Python's "
-                                                "documentation)")
+    g.add_argument("--general", type=Path, help="general instruction data: jsonl, parquet, arrow or a datasets "
+                                                "save_to_disk directory (default: pairs from Python's documentation)")
     g.add_argument("--general-samples", type=int, default=48, help="general records used (0 = all)")
     g.add_argument("--task-ratio", type=float, default=0.5, help="fraction of the mixed samples that are task "
                                                                   "samples (they repeat as needed)")
@@ -72,7 +73,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flag(p, "tell", _manifest_flags)
     p.set_defaults(run=run)
+
+
+def _manifest_flags(config: dict) -> dict:
+    """Manifest entries whose flag differs in name or meaning (see :mod:`tellneo.commands._config`)."""
+    flags = {"no_fused_lora": not config.pop("fused_lora", True), "no_anchor": config.pop("use_anchor", None) is False}
+    if "general_samples" in config:
+        flags["general_samples"] = config.pop("general_samples") or 0
+    return flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
             eval_batch_size=args.eval_batch_size, output_dir=str(args.output_dir), train=train_settings(args),
         )
         apply_threads(args.threads)
-        summary = run_tell(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+        summary = run_tell(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                              report_to=args.report_to)
     if not summary["main_process"]:
         return 0
     print()

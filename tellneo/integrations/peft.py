@@ -15,6 +15,11 @@ mixed-adapter batches (``adapter_names=``), extra forward arguments, tensors on 
 input/base/adapter dtypes that differ outside ``torch.autocast``.
 Dropout follows the dropout module's ``training`` flag, so ``model.eval()`` turns it off.
 
+The report is truthful about what runs: layers whose base and adapter dtypes differ (a bf16 model with PEFT's
+fp32 adapters) are listed in ``report.autocast_only`` at patch time (fused only under ``torch.autocast``), and the
+first forward of the patched model records, per layer, whether it ran fused or fell back to PEFT and why
+(``report.first_forward``), logging one summary line when any layer fell back.
+
 Because PEFT's own modules, parameters and state dict are untouched, ``merge_and_unload``, ``save_pretrained``
 / ``load_adapter``, ``set_adapter``, gradient checkpointing and the HF ``Trainer`` behave as without the patch.
 """
@@ -45,12 +50,29 @@ class PatchReport:
     patched: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     backend: str = "auto"
+    #: patched layers whose base and adapter dtypes differ: fused only under torch.autocast (else PEFT's forward)
+    autocast_only: dict[str, str] = field(default_factory=dict)
+    #: filled by each patched layer's first forward: None = ran fused, else why PEFT's forward ran instead
+    first_forward: dict[str, str | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.patched)
 
+    def fell_back(self) -> dict[str, str]:
+        """Layers whose first forward ran PEFT's forward instead of the fused op, with the reason."""
+        return {name: reason for name, reason in self.first_forward.items() if reason is not None}
+
     def summary(self) -> str:
-        lines = [f"tellneo.peft.patch: {len(self.patched)} LoRA linear layer(s) fused (backend={self.backend})"]
+        lines = [f"tellneo.peft.patch: {len(self.patched)} LoRA linear layer(s) patched (backend={self.backend})"]
+        if self.autocast_only:
+            kinds = sorted(set(self.autocast_only.values()))
+            lines.append(f"{len(self.autocast_only)} of them fuse only under torch.autocast ({'; '.join(kinds)}): "
+                         "without autocast they run PEFT's forward")
+        if self.first_forward:
+            fell = self.fell_back()
+            lines.append(f"first forward: {len(self.first_forward) - len(fell)} ran fused, {len(fell)} ran PEFT's "
+                         "forward" + (":" if fell else ""))
+            lines += [f"  {name}: {reason}" for name, reason in fell.items()]
         if self.skipped:
             lines.append(f"{len(self.skipped)} LoRA layer(s) left to PEFT:")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped.items()]
@@ -139,6 +161,8 @@ def _fused_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
     if state is None:  # unpatched while someone else's wrapper still holds this forward: behave like PEFT
         return type(module).forward(module, x, *args, **kwargs)
     reason = _call_reason(module, x, args, kwargs)
+    if state["name"] not in state["report"].first_forward:
+        state["report"].first_forward[state["name"]] = reason
     if reason is not None:
         log_once(("peft.patch", reason), f"tellneo.peft: PEFT forward used for some calls: {reason}")
         return state["original"](x, *args, **kwargs)
@@ -182,30 +206,77 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
         if not _is_lora_layer(module):
             continue
         if is_patched(module):
-            report.patched.append(name)
-            continue
-        reason = _static_reason(module)
-        if reason is not None:
-            report.skipped[name] = reason
-            continue
-        original_instance_forward = vars(module).get("forward")
-        setattr(
-            module,
-            _MARK,
-            {"backend": backend, "original": module.forward, "instance_forward": original_instance_forward},
-        )
-        module.forward = _PatchedForward(module)
+            vars(module)[_MARK].update(report=report, name=name)
+        else:
+            reason = _static_reason(module)
+            if reason is not None:
+                report.skipped[name] = reason
+                continue
+            original_instance_forward = vars(module).get("forward")
+            setattr(
+                module,
+                _MARK,
+                {"backend": backend, "original": module.forward, "instance_forward": original_instance_forward,
+                 "report": report, "name": name},
+            )
+            module.forward = _PatchedForward(module)
         report.patched.append(name)
-    if report.skipped:
+        dtypes = _dtype_mismatch(module)
+        if dtypes is not None:
+            report.autocast_only[name] = dtypes
+    _watch_first_forward(model, report)
+    if report.skipped or report.autocast_only:
         logger.warning(report.summary())
     else:
         logger.info(report.summary())
     return report
 
 
+def _dtype_mismatch(module: nn.Module) -> str | None:
+    """``"base bfloat16, adapters float32"`` when base and adapter weights differ in dtype (None if they agree)."""
+    base = module.get_base_layer().weight.dtype
+    adapters = sorted({str(p.dtype).replace("torch.", "") for a in module.lora_A
+                       for p in (module.lora_A[a].weight, module.lora_B[a].weight)})
+    if adapters == [str(base).replace("torch.", "")]:
+        return None
+    return f"base {str(base).replace('torch.', '')}, adapters {'/'.join(adapters)}"
+
+
+_WATCH = "_tellneo_lora_first_forward"  # root-module attribute: the hook handle logging the first forward
+
+
+class _FirstForwardWatch:
+    """Forward hook on the patched root: after its first forward, log which patched layers ran fused, then remove
+    itself. A class, not a closure, so the model stays picklable and deep-copyable."""
+
+    def __init__(self, model: nn.Module, report: PatchReport) -> None:
+        self.model, self.report = model, report
+
+    def __call__(self, _module: nn.Module, _args: Any, _out: Any) -> None:
+        handle = vars(self.model).pop(_WATCH, None)
+        if handle is not None:
+            handle.remove()
+        if self.report.fell_back():
+            logger.warning(self.report.summary())
+        else:
+            logger.info("tellneo.peft: first forward: all %d patched LoRA layer(s) ran fused",
+                        len(self.report.first_forward))
+
+
+def _watch_first_forward(model: nn.Module, report: PatchReport) -> None:
+    old = vars(model).pop(_WATCH, None)
+    if old is not None:
+        old.remove()
+    if report.patched:
+        setattr(model, _WATCH, model.register_forward_hook(_FirstForwardWatch(model, report)))
+
+
 def unpatch(model: nn.Module) -> list[str]:
     """Restore PEFT's forward on every layer :func:`patch` fused; returns the names restored."""
     restored = []
+    watch = vars(model).pop(_WATCH, None)
+    if watch is not None:
+        watch.remove()
     for name, module in model.named_modules():
         if not is_patched(module):
             continue

@@ -137,9 +137,12 @@ def _epochs_needed(train: TrainSettings, rows: int, global_batch: int) -> int:
     return math.ceil(train.epochs)
 
 
-def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
-                ) -> dict[str, Any]:
+def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                report_to: str | list[str] = "none") -> dict[str, Any]:
     """Run NEO distillation as configured; returns the summary (also written to ``summary.json``).
+
+    ``report_to``: Trainer logging integrations besides ``metrics.jsonl`` (``"tensorboard"``, ``"wandb"``, ... or
+    ``"none"``; see :func:`tellneo.recipes.training.check_report_to`); not part of the run's manifest.
 
     Raises RecipeError (bad configuration or data), DataFileError (bad jsonl), ModelNotFoundError (missing or
     unreadable model), FileExistsError / PermissionError (output directory), KeyboardInterrupt after a Ctrl-C
@@ -168,7 +171,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     lora, kd = cfg.resolved()
     manifest = cfg.manifest()
     out = Path(cfg.output_dir)
-    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress)
+    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
     state = PartialState()
     if state.is_main_process:
         check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet

@@ -16,13 +16,14 @@ __all__ = ["general_records", "split_records", "tokenize"]
 
 
 def general_records(path: str | Path | None, max_samples: int | None = None) -> tuple[list[dict[str, Any]], str]:
-    """``(records, description)``: a jsonl file (validated, errors name file and line) or, with ``path=None``,
-    the instruction pairs built from Python's own documentation (PSF license, no download)."""
-    from tellneo.data.chat import read_jsonl
+    """``(records, description)``: a data file (jsonl, parquet, arrow or a ``datasets`` save_to_disk directory;
+    validated, errors name file and line/row; see :func:`tellneo.data.files.read_records`) or, with
+    ``path=None``, the instruction pairs built from Python's own documentation (PSF license, no download)."""
     from tellneo.data.corpora import corpus_fingerprint, python_docs_pairs
+    from tellneo.data.files import read_records
 
     if path is not None:
-        records = read_jsonl(path)
+        records = read_records(path)
         source = f"{path} (fingerprint {corpus_fingerprint(records)})"
     else:
         records = python_docs_pairs()

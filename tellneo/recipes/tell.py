@@ -107,7 +107,7 @@ class TellConfig:
 
 def _task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
     """``(train pairs, test pairs, anchor text, score function, description)``."""
-    from tellneo.data.chat import read_jsonl
+    from tellneo.data.files import read_records
     from tellneo.data.tasks import Task, get_task
 
     if cfg.task_file is None:
@@ -120,12 +120,12 @@ def _task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
         anchor = cfg.anchor if cfg.anchor is not None else task.anchor_prompt
         return train, test, anchor, task.score, (f"generated task {task.name} ({cfg.task_samples} train / "
                                                  f"{cfg.test_samples} test pairs, seed {cfg.train.seed})")
-    records = read_jsonl(cfg.task_file)
+    records = read_records(cfg.task_file)
     for rec in records:
         if "prompt" not in rec:
             raise RecipeError(f"{cfg.task_file}: task records need 'prompt' and 'response' (exact-match scoring)")
     if cfg.test_file is not None:
-        test = read_jsonl(cfg.test_file)[: cfg.test_samples]
+        test = read_records(cfg.test_file)[: cfg.test_samples]
         train = records[: cfg.task_samples]
     else:
         if len(records) <= cfg.test_samples:
@@ -209,8 +209,8 @@ def task_exposure(dataset: Any, steps: int, global_batch: int) -> dict[str, int]
     return totals
 
 
-def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
-             ) -> dict[str, Any]:
+def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+             report_to: str | list[str] = "none") -> dict[str, Any]:
     """Run the TELL (or SFT-baseline) recipe; returns the summary (also written to ``summary.json``).
 
     Errors as :func:`tellneo.recipes.distill.run_distill`.
@@ -237,7 +237,7 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     t_start = time.perf_counter()
     lora = cfg.validate()
     out = Path(cfg.output_dir)
-    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress)
+    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
     state = PartialState()
     if state.is_main_process:
         check_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite)  # fail fast, write nothing yet

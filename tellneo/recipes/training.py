@@ -23,7 +23,7 @@ from tellneo.recipes.trainer_utils import clean_staging, last_checkpoint
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["TrainSettings", "check_run_dir", "open_run_dir", "run_training", "seconds_per_step"]
+__all__ = ["TrainSettings", "check_run_dir", "check_report_to", "open_run_dir", "run_training", "seconds_per_step"]
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -70,7 +70,10 @@ class TrainSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def training_arguments(self, output_dir: str | Path, **overrides: Any) -> Any:
+    def training_arguments(self, output_dir: str | Path, *, report_to: str | list[str] = "none",
+                           **overrides: Any) -> Any:
+        """``TrainingArguments`` for these settings; ``report_to`` as :func:`check_report_to` accepts it (logs go
+        to the Trainer's integrations, e.g. TensorBoard event files under ``output_dir/runs``)."""
         from transformers import TrainingArguments
 
         kwargs: dict[str, Any] = dict(
@@ -92,7 +95,7 @@ class TrainSettings:
             save_strategy="steps",
             save_steps=self.save_steps,
             save_total_limit=self.save_total_limit,
-            report_to="none",
+            report_to=check_report_to(report_to),
             remove_unused_columns=False,
             dataloader_drop_last=True,
             use_cpu=not torch.cuda.is_available(),
@@ -104,6 +107,29 @@ class TrainSettings:
         kwargs[f"{prefix}_kwargs"] = {"use_reentrant": False} if self.gradient_checkpointing else None
         kwargs.update(overrides)
         return TrainingArguments(**kwargs)
+
+
+def check_report_to(report_to: str | list[str]) -> list[str]:
+    """The Trainer logging integrations named by ``report_to`` (``"none"``, one name, a comma-separated list or
+    a list: ``tensorboard``, ``wandb``, ``mlflow``, ...), each checked to exist and be installed; RecipeError
+    otherwise. Returns the list (empty for ``"none"``)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [n.strip() for n in (report_to.split(",") if isinstance(report_to, str) else report_to) if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return get_available_reporting_integrations()
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise RecipeError(f"report-to: unknown integration(s) {unknown}; choose from none, all, "
+                          f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+    missing = [n for n in names if n not in get_available_reporting_integrations()]
+    if missing:
+        raise RecipeError(f"report-to: {', '.join(missing)} is not installed (pip install {' '.join(missing)}; "
+                          "for TensorBoard: pip install 'tellneo[tensorboard]')")
+    return names
 
 
 def check_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
