@@ -9,11 +9,17 @@ Three kernels, all walking ``BLOCK_N`` tokens x ``BLOCK_V`` vocab tiles whose lo
                        ((t-m_t) - (s-m_s))``) so that ``KL = A / S_t - log S_t + log S_s`` has no cancellation of
                        large logsumexps (logits of +-1e4 stay exact). Each vocab split writes partial statistics;
                        :func:`_combine` merges them in O(N * splits).
-``_kd_jsd_kernel``     (JSD only) a second pass over the tiles with the final logsumexps, summing
+``_kd_jsd_kernel``     (JSD only) a second pass over the tiles with the final row statistics, summing
                        ``beta p log(p/m) + (1-beta) q log(q/m)`` and ``sum q log(q/m)`` per row.
 ``_kd_bwd_kernel``     grid (token blocks, vocab tiles). Recomputes the logit tiles, forms ``d loss / d z`` from the
                        O(N) per-row statistics (formulas of :mod:`tellneo.ops.divergences`), and accumulates
                        ``dh += dz @ W_tile`` and ``dW_tile += dz^T @ h`` (and ``db``) with fp32 atomics.
+
+Row statistics (:data:`NUM_ROW_STATS` per row, the ``stats`` the forward hands to the backward) keep each
+logsumexp as its two parts, the row maximum ``m`` and ``log S = log sum exp(x - m)``, never their fp32 sum: the
+second pass and the backward form ``log q = (s - m_s) - log S_s`` from recomputed logits, centred exactly as in
+the forward, so at logits of +-1e4 (fp32 spacing ~1e-3) ``log q - log p`` and ``exp(log q)`` keep full relative
+precision (a saturated row's reverse-KL gradient is ~1e-100, not the ~5e-4 that ``z - lse`` would give).
 
 A sparse (top-k) teacher uses the student-only statistics from the kernels; its ``k`` gathered logits and the
 ``k + 1``-bucket math run in PyTorch on ``[N, k]`` tensors (rows chunked).
@@ -37,9 +43,14 @@ from tellneo.ops import divergences as D
 from tellneo.ops._kd_args import KDConfig, KDInputs
 
 NUM_PARTS = 9  # partial statistics per split: m_z S_z m_s S_s m_t S_t A B z_label
+# per-row statistics the forward returns for the backward: (max, log sum exp(x - max)) of the CE logits z, the
+# tempered student s and the tempered teacher t, then aux (reverse KL: D; JSD: KL(q || m); forward KL: 0)
+ROW_STATS = ("m_z", "logS_z", "m_s", "logS_s", "m_t", "logS_t", "aux")
+NUM_ROW_STATS = len(ROW_STATS)
 # Globals read inside @triton.jit must be constexpr (the interpreter does not enforce it, the compiler does).
 _NEG_INIT = tl.constexpr(-1.0e30)  # running-max start: finite, so exp(m_old - m_new) is 0, never nan
 _NUM_PARTS = tl.constexpr(NUM_PARTS)
+_NUM_ROW_STATS = tl.constexpr(NUM_ROW_STATS)
 _DIV_CODE = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
@@ -167,6 +178,19 @@ def _kd_stats_kernel(
 
 
 @triton.jit
+def _load_stat(stats_ptr, rows, row_mask, col: tl.constexpr):
+    """Column ``col`` of the ``[N, NUM_ROW_STATS]`` row statistics for ``rows``."""
+    return tl.load(stats_ptr + rows * _NUM_ROW_STATS + col, mask=row_mask, other=0.0)
+
+
+@triton.jit
+def _centred_log_softmax(x, m, log_s):
+    """``log softmax(x) = (x - m) - log S`` from the row's max ``m`` and ``log S = log sum exp(x - m)``: the
+    difference ``x - m`` of two large logits is exact, the sum ``m + log S`` is never rounded."""
+    return (x - m[:, None]) - log_s[:, None]
+
+
+@triton.jit
 def _log_mixture(log_q, log_p, log_1mb, log_b):
     a = log_q + log_1mb
     b = log_p + log_b
@@ -176,7 +200,7 @@ def _log_mixture(log_q, log_p, log_1mb, log_b):
 
 @triton.jit
 def _kd_jsd_kernel(
-    sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
+    sh_ptr, sw_ptr, sb_ptr, th_ptr, tw_ptr, tb_ptr, stats_ptr, part_ptr,
     N, V, HS, HT, stride_sh, stride_sw, stride_th, stride_tw, v_per_split,
     inv_temp, logit_scale, softcap, t_logit_scale, t_softcap, beta, log_1mb, log_b,
     HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TSOFTCAP: tl.constexpr,
@@ -187,8 +211,8 @@ def _kd_jsd_kernel(
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+    m_s, log_s_s = _load_stat(stats_ptr, rows, row_mask, 2), _load_stat(stats_ptr, rows, row_mask, 3)
+    m_t, log_s_t = _load_stat(stats_ptr, rows, row_mask, 4), _load_stat(stats_ptr, rows, row_mask, 5)
     jsd = tl.zeros((BLOCK_N,), tl.float32)
     kl_qm = tl.zeros((BLOCK_N,), tl.float32)
     v_start = pid_s * v_per_split
@@ -201,8 +225,8 @@ def _kd_jsd_kernel(
                          logit_scale, softcap, HAS_SB, HAS_SOFTCAP, PRECISION_S, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         t = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
                          t_logit_scale, t_softcap, HAS_TB, HAS_TSOFTCAP, PRECISION_T, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
-        log_q = z * inv_temp - lse_s[:, None]
-        log_p = t * inv_temp - lse_t[:, None]
+        log_q = _centred_log_softmax(z * inv_temp, m_s, log_s_s)
+        log_p = _centred_log_softmax(t * inv_temp, m_t, log_s_t)
         log_m = _log_mixture(log_q, log_p, log_1mb, log_b)
         q = tl.exp(log_q)
         term_q = tl.where(mask, q * (log_q - log_m), 0.0)
@@ -238,21 +262,21 @@ def _kd_bwd_kernel(
     dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     if CE_GRAD:
         label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-        lse_z = tl.load(stats_ptr + rows * 4 + 0, mask=row_mask, other=0.0)
+        m_z, log_s_z = _load_stat(stats_ptr, rows, row_mask, 0), _load_stat(stats_ptr, rows, row_mask, 1)
         w_ce = tl.load(wce_ptr + rows, mask=row_mask, other=0.0)
-        p_z = tl.exp(z - lse_z[:, None])
+        p_z = tl.exp(_centred_log_softmax(z, m_z, log_s_z))
         dz += w_ce[:, None] * (p_z - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
     if KD_DENSE or KD_TOPK:
-        lse_s = tl.load(stats_ptr + rows * 4 + 1, mask=row_mask, other=0.0)
-        log_q = z * inv_temp - lse_s[:, None]
+        m_s, log_s_s = _load_stat(stats_ptr, rows, row_mask, 2), _load_stat(stats_ptr, rows, row_mask, 3)
+        log_q = _centred_log_softmax(z * inv_temp, m_s, log_s_s)
         q = tl.exp(log_q)
     if KD_DENSE:
-        lse_t = tl.load(stats_ptr + rows * 4 + 2, mask=row_mask, other=0.0)
-        aux = tl.load(stats_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
+        m_t, log_s_t = _load_stat(stats_ptr, rows, row_mask, 4), _load_stat(stats_ptr, rows, row_mask, 5)
+        aux = _load_stat(stats_ptr, rows, row_mask, 6)
         w_kd = tl.load(wkd_ptr + rows, mask=row_mask, other=0.0)
         t = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, row_mask, col_mask, HT, stride_th, stride_tw,
                          t_logit_scale, t_softcap, HAS_TB, HAS_TSOFTCAP, PRECISION_T, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
-        log_p = t * inv_temp - lse_t[:, None]
+        log_p = _centred_log_softmax(t * inv_temp, m_t, log_s_t)
         if DIV == 0:
             g = q - tl.exp(log_p)
         elif DIV == 1:
@@ -355,19 +379,20 @@ def _combine_max(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _combine(part: torch.Tensor, cfg: KDConfig, has_labels: bool, has_kd: bool, dense: bool) -> dict:
-    """Merge per-split partial statistics [splits, 9, N] into per-row logsumexps and KL values."""
+    """Merge per-split partial statistics [splits, 9, N] into per-row (max, log sum-exp - max) pairs (see
+    :data:`ROW_STATS`), the label logit and the KL values."""
     m_z, s_z, m_s, s_s, m_t, s_t, a, b, z_lab = part.unbind(1)
     out = {}
     if has_labels:
-        big, tot, _ = _combine_max(m_z, s_z)
-        out["lse_z"] = big + torch.log(tot)
+        out["m_z"], tot, _ = _combine_max(m_z, s_z)
+        out["logS_z"] = torch.log(tot)
         out["z_label"] = z_lab.sum(0)
     if has_kd:
         big_s, tot_s, w_s = _combine_max(m_s, s_s)
-        out["lse_s"] = big_s + torch.log(tot_s)
+        out["m_s"], out["logS_s"] = big_s, torch.log(tot_s)
         if dense:
             big_t, tot_t, w_t = _combine_max(m_t, s_t)
-            out["lse_t"] = big_t + torch.log(tot_t)
+            out["m_t"], out["logS_t"] = big_t, torch.log(tot_t)
             # re-centre each split's sums on the global maxima (same shift as inside the kernel)
             shift = (big_t - m_t) - (big_s - m_s)
             if cfg.divergence == "forward_kl":
@@ -394,15 +419,27 @@ def gather_student_logits(inp: KDInputs, cfg: KDConfig, ids: torch.Tensor, max_e
     return D.transform_logits(out, cfg.logit_scale, cfg.softcap)
 
 
+def _centred_topk_logits(
+    inp: KDInputs, cfg: KDConfig, stats: torch.Tensor, z_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse teacher's inputs ``(s_ids - m_s [N, k], log S_s [N])``: the tempered student logits at the top-k
+    ids and their logsumexp, both shifted by the row max ``m_s`` (the top-k math depends only on ``s - lse``)."""
+    if z_ids is None:
+        z_ids = gather_student_logits(inp, cfg, inp.topk_ids)
+    m_s = stats[:, ROW_STATS.index("m_s")]
+    return z_ids / cfg.temperature - m_s[:, None], stats[:, ROW_STATS.index("logS_s")]
+
+
 def triton_forward(inp: KDInputs, cfg: KDConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(ce [N], kd [N], stats [N, 4])`` (fp32; 0 on ignored rows; kd includes kd_scale)."""
+    """Per-row ``(ce [N], kd [N], stats [N, NUM_ROW_STATS])`` (fp32; 0 on ignored rows; kd includes kd_scale;
+    stats as :data:`ROW_STATS`, 0 where a part is absent)."""
     inp = _contiguous(inp)
     sh = inp.student_hidden
     n, vocab = sh.shape[0], inp.student_weight.shape[0]
     dev = sh.device
     ce = torch.zeros(n, dtype=torch.float32, device=dev)
     kd = torch.zeros(n, dtype=torch.float32, device=dev)
-    stats = torch.zeros(n, 4, dtype=torch.float32, device=dev)
+    stats = torch.zeros(n, NUM_ROW_STATS, dtype=torch.float32, device=dev)
     if n == 0:
         return ce, kd, stats
     has_labels = inp.labels is not None
@@ -423,29 +460,29 @@ def triton_forward(inp: KDInputs, cfg: KDConfig) -> tuple[torch.Tensor, torch.Te
         DIV=_DIV_CODE[cfg.divergence], **common, **blk,
     )
     st = _combine(part, cfg, has_labels, has_kd, dense)
-    if has_labels:
-        stats[:, 0] = st["lse_z"]
-        ce = torch.where(valid, st["lse_z"] - st["z_label"], 0.0)
+    for j, name in enumerate(ROW_STATS[:-1]):
+        if name in st:
+            stats[:, j] = st[name]
+    aux = ROW_STATS.index("aux")
+    if has_labels:  # (m - z_label) + log S: the large parts cancel first
+        ce = torch.where(valid, (st["m_z"] - st["z_label"]) + st["logS_z"], 0.0)
     if has_kd:
-        stats[:, 1] = st["lse_s"]
         if dense:
-            stats[:, 2] = st["lse_t"]
             if cfg.divergence == "jsd":
                 jpart = torch.empty(splits, 2, n, dtype=torch.float32, device=dev)
                 _kd_jsd_kernel[(n_blocks, splits)](
-                    lse_s_ptr=stats[:, 1].contiguous(), lse_t_ptr=stats[:, 2].contiguous(), part_ptr=jpart,
+                    stats_ptr=stats, part_ptr=jpart,
                     v_per_split=v_per_split, beta=cfg.beta, log_1mb=math.log1p(-cfg.beta), log_b=math.log(cfg.beta),
                     **common, **blk,
                 )
-                value, aux = jpart.sum(0).unbind(0)
-                stats[:, 3] = aux
+                value, stats[:, aux] = jpart.sum(0).unbind(0)
             else:
                 value = st["value"]
                 if cfg.divergence == "reverse_kl":
-                    stats[:, 3] = value
+                    stats[:, aux] = value
         else:
-            s_ids = gather_student_logits(inp, cfg, inp.topk_ids) / cfg.temperature
-            value = D.topk_kd_per_token(s_ids, st["lse_s"], inp.topk_logprobs.float(), cfg.divergence, cfg.beta)
+            s_ids, lse = _centred_topk_logits(inp, cfg, stats)
+            value = D.topk_kd_per_token(s_ids, lse, inp.topk_logprobs.float(), cfg.divergence, cfg.beta)
         kd = torch.where(valid, value * cfg.kd_scale, 0.0)
     return ce, kd, stats
 
@@ -483,8 +520,9 @@ def triton_backward(
         topk = kd_grad and not dense
         if topk:
             z_ids = gather_student_logits(inp, cfg, inp.topk_ids)
+            s_ids, lse = _centred_topk_logits(inp, cfg, stats, z_ids)
             _, g_ids, g_lse = D.topk_kd_per_token_and_grad(
-                z_ids / cfg.temperature, stats[:, 1], inp.topk_logprobs.float(), cfg.divergence, cfg.beta
+                s_ids, lse, inp.topk_logprobs.float(), cfg.divergence, cfg.beta
             )
             glse = (g_lse * wkd).contiguous()
             g_ids = g_ids * wkd[:, None] * D.transform_grad_factor(z_ids, cfg.logit_scale, cfg.softcap)

@@ -4,7 +4,8 @@ Two ops, both with fake (meta) implementations so ``torch.compile`` traces throu
 
 ``tellneo::fused_linear_kd_fwd`` -> ``(loss, ce_rows, kd_rows, stats, dh, dw, db)``
     ``loss = grad_scale * sum_i valid_i [(1 - alpha) ce_i + alpha kd_i]`` (0-dim), per-row CE and KD (``[N]``, 0 on
-    ignored rows, KD already multiplied by ``kd_scale``), per-row statistics ``[N, 4]`` for the backward, and,
+    ignored rows, KD already multiplied by ``kd_scale``), per-row statistics for the same backend's backward
+    (``[N, 4]`` torch, ``[N, 7]`` Triton: see each backend's module), and,
     with ``fused_grad=True``, the gradients of ``loss`` (``dh [N, Hs]``, ``dw [V, Hs]``, ``db [V]``; empty
     ``[0]`` tensors for the ones not asked for). Compute dtype float32 (float64 for float64 inputs).
 ``tellneo::fused_linear_kd_bwd`` -> ``(dh, dw, db)``
@@ -42,6 +43,15 @@ def _cdtype(sh: Tensor, th: Optional[Tensor]) -> torch.dtype:
     if sh.dtype == torch.float64 or (th is not None and th.dtype == torch.float64):
         return torch.float64
     return torch.float32
+
+
+def _num_stats(backend: str) -> int:
+    """Width of the per-row statistics a backend's forward hands to its own backward."""
+    if backend == "triton":
+        from tellneo.kernels.fused_linear_kd import NUM_ROW_STATS
+
+        return NUM_ROW_STATS
+    return _kd_torch.NUM_STATS
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -118,7 +128,7 @@ def _fwd_fake(sh, sw, sb, th, tw, tb, labels, topk_ids, topk_lp, grad_scale, div
         sh.new_empty((), dtype=cdt),
         sh.new_empty((n,), dtype=cdt),
         sh.new_empty((n,), dtype=cdt),
-        sh.new_empty((n, _kd_torch.NUM_STATS), dtype=cdt),
+        sh.new_empty((n, _num_stats(backend)), dtype=cdt),
         sh.new_empty(sh.shape) if fused and need_dh else _empty(sh),
         sw.new_empty(sw.shape) if fused and need_dw else _empty(sw),
         sw.new_empty((v,)) if fused and need_db else _empty(sw),

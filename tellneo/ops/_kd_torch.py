@@ -156,9 +156,11 @@ def _chunk(
             stats[:, 3] = aux
         else:
             ids = inp.topk_ids[r0:r1]
-            s_ids = log_q.gather(1, ids) + lse_s[:, None]
+            # the top-k math depends on s - lse only: pass the log-probabilities and a zero logsumexp (no
+            # round trip through lse, which at logits of +-1e4 is rounded to ~1e-3)
             lps = inp.topk_logprobs[r0:r1].to(cdt)
-            value, g_ids, g_lse = topk_kd_per_token_and_grad(s_ids, lse_s, lps, cfg.divergence, cfg.beta)
+            value, g_ids, g_lse = topk_kd_per_token_and_grad(log_q.gather(1, ids), torch.zeros_like(lse_s), lps,
+                                                             cfg.divergence, cfg.beta)
             grad = None
             if kd_grad:  # dD/ds_j = dD/dlse * q_j + [j in ids] dD/ds_ids
                 grad = torch.mul(q, (g_lse * wk)[:, None], out=log_q)

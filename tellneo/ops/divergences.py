@@ -173,11 +173,12 @@ def kd_per_token_and_grad(
     log_mix.clamp_min_(tiny).log_()
     kl_pm = _rowdot(p, log_p.sub_(log_mix), None if scratch is None else p) - shift
     g = log_q.sub_(log_mix)  # log q - log m + shift
-    kl_qm = _rowdot(q, g, scratch) - shift
+    kl_qm_shifted = _rowdot(q, g, scratch)
+    kl_qm = kl_qm_shifted - shift
     value = beta * kl_pm + (1.0 - beta) * kl_qm
     grad = None
-    if need_grad:  # (1 - beta) q (log q - log m - KL(q || m)); the shifts cancel
-        grad = g.sub_((kl_qm + shift).unsqueeze(-1)).mul_(q)
+    if need_grad:  # (1 - beta) q (log q - log m - KL(q || m)); the shifts cancel exactly (no fp round trip)
+        grad = g.sub_(kl_qm_shifted.unsqueeze(-1)).mul_(q)
         grad.mul_((1.0 - beta) if w is None else w * (1.0 - beta))
     return value, grad, kl_qm
 

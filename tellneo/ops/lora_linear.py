@@ -286,7 +286,8 @@ def lora_linear(
 
     All tensors share one dtype (float16/bfloat16/float32; float64 on the torch backend) and device; under
     ``torch.autocast`` they are first cast to the autocast dtype (so they may differ). Returns ``[..., out]`` in
-    that dtype.
+    that dtype. An empty batch (``x [0, in]``, ``[B, 0, in]``, ...) gives the empty ``[..., out]`` output, still
+    connected to every argument, so its backward yields zero gradients for lora_A / lora_B / bias, as PEFT's does.
     Gradients: dx, dA, dB (and dW / db when those require grad), with ``s · dy B`` computed once and reused.
 
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -307,7 +308,11 @@ def lora_linear(
         x2 = x2.contiguous()
     seed_t = _seed_tensor(seed, x.device) if dropout_p > 0.0 else None
     if x2.shape[0] == 0:
-        return (x2.matmul(weight.t()) + (bias if bias is not None else 0)).reshape(*lead, weight.shape[0])
+        # An empty batch: the reference formula on zero rows costs nothing and, like PEFT, keeps the output in
+        # the graph of every argument, so backward gives zero (not missing) gradients for lora_A / lora_B / bias.
+        # Dropout is irrelevant on zero elements.
+        y0 = lora_linear_reference(x2, weight, lora_A, lora_B, float(scaling), bias)
+        return y0.reshape(*lead, weight.shape[0])
     with torch.autocast(x.device.type, enabled=False):
         y, _ = torch.ops.tellneo.lora_linear_fwd(
             x2, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed_t, chosen

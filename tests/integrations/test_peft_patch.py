@@ -90,6 +90,35 @@ def test_patched_forward_is_the_fused_op(monkeypatch):
     assert len(calls) == 14
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64)], ids=["[0,in]", "[B,0,in]"])
+def test_patched_layer_on_an_empty_batch_gives_zero_adapter_grads_like_peft(monkeypatch, backend, shape):
+    """An empty batch through a fused layer: empty output, still connected to the adapter, so backward leaves
+    zero (not missing) lora_A / lora_B gradients, exactly as unpatched PEFT does."""
+    import tellneo.integrations.peft as integration
+
+    calls = []
+    real = integration.lora_linear
+    monkeypatch.setattr(integration, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_peft(dropout=0.1)
+    ref = copy.deepcopy(model)
+    patch(model, backend=backend)
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    outs = []
+    for m in (model, ref):
+        layer = m.get_submodule(name)
+        x = torch.randn(shape, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        outs.append((y, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad))
+    assert calls == [1], "the empty batch must go through the fused op, not PEFT's fallback"
+    (y, *grads), (y_ref, *grads_ref) = outs
+    assert y.shape == y_ref.shape == (*shape[:-1], 64) and y.dtype == y_ref.dtype
+    for what, g, g_ref in zip(("x", "lora_A", "lora_B"), grads, grads_ref):
+        assert g is not None and g_ref is not None, what
+        assert torch.equal(g, g_ref) and not g.any(), what
+
+
 def test_unsupported_layers_are_reported_and_left_alone(caplog):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())

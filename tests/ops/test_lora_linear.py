@@ -174,6 +174,29 @@ def test_1d_input_and_empty_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=["[0,in]", "[B,0,in]"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_empty_batch_like_peft(backend, dtype, lead, p):
+    """No rows: an empty output of the right shape and dtype, connected to the adapter weights, so backward
+    gives zero gradients for lora_A / lora_B / bias / x exactly as PEFT's own layer does (not missing ones)."""
+    layer = peft_linear(12, 7, 3, 6, dtype)
+    layer.lora_dropout["default"] = torch.nn.Dropout(p)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    x = torch.randn(*lead, 12, dtype=dtype, requires_grad=True)
+    y_peft = layer(x)
+    g_peft = torch.autograd.grad(y_peft.sum(), (x, A, B, b, W))
+    y = lora_linear(x, W, A, B, layer.scaling["default"], bias=b, dropout_p=p, backend=backend)
+    assert y.shape == y_peft.shape == (*lead, 7) and y.dtype == y_peft.dtype == dtype
+    assert y.requires_grad
+    g = torch.autograd.grad(y.sum(), (x, A, B, b, W))
+    for name, a, e in zip(("x", "A", "B", "bias", "W"), g, g_peft):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        assert torch.equal(a, e) and not a.any(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_input_is_handled(backend):
     x = torch.randn(16, 24).t()  # [24, 16], non-contiguous
     assert not x.is_contiguous()
