@@ -376,6 +376,35 @@ def test_all_tokens_ignored(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("teacher", ["dense", "topk", "none"])
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["[0,H]", "[B,0,H]"])
+def test_empty_batch_is_a_zero_loss_connected_to_the_weights(backend, teacher, lead):
+    """N = 0 (e.g. a rank or micro-batch with no tokens): loss 0 in every reduction, still in the graph of the
+    student weights, so backward gives zero gradients of the right shapes (a trainer needs no special case)."""
+    g = torch.Generator().manual_seed(0)
+    sh = torch.randn(*lead, 8, generator=g, requires_grad=True)
+    sw = torch.randn(11, 8, generator=g, requires_grad=True)
+    sb = torch.randn(11, generator=g, requires_grad=True)
+    th, tw = torch.randn(*lead, 6, generator=g), torch.randn(11, 6, generator=g)
+    args, kw = (sh, sw, th, tw, torch.zeros(lead, dtype=torch.long)), dict(student_bias=sb)
+    if teacher != "dense":
+        args = (sh, sw, None, None, args[4])
+    if teacher == "topk":
+        kw["teacher_topk"] = (torch.zeros(*lead, 3, dtype=torch.long), torch.full((*lead, 3), -2.0))
+    if teacher == "none":
+        kw["alpha"] = 0.0
+    for reduction, n_items in [("mean", None), ("mean", 4), ("sum", None), ("none", None)]:
+        out = fused_linear_kd(*args, **kw, reduction=reduction, num_items_in_batch=n_items, return_parts=True,
+                              backend=backend)
+        assert out.loss.shape == (lead if reduction == "none" else ()) and out.loss.dtype == torch.float32
+        assert out.loss.requires_grad and not out.loss.detach().any() and int(out.num_tokens) == 0
+        assert not out.ce.any() and not out.kd.any()
+        grads = torch.autograd.grad(out.loss.sum(), (sh, sw, sb))
+        for leaf, grad in zip((sh, sw, sb), grads):
+            assert grad.shape == leaf.shape and not grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_single_valid_token(backend):
     cast = make_case(n=7, v=29, ignore_every=0)
     t, args, kw = cast(torch.float64)
