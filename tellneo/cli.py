@@ -33,10 +33,11 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from tellneo._backend import BackendError
     from tellneo._ext import NativeExtensionError
     from tellneo.data.chat import DataFileError
+    from tellneo.io import RunDirLockedError
     from tellneo.models import ModelNotFoundError
 
     return (UserError, DataFileError, ModelNotFoundError, NativeExtensionError, BackendError, PermissionError,
-            FileExistsError)
+            FileExistsError, RunDirLockedError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_error_types() as exc:
         print(f"tellneo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from tellneo.io import release_run_dirs
+
+        release_run_dirs()  # the kernel would at exit; main() may be called again in this process (tests)
 
 
 if __name__ == "__main__":

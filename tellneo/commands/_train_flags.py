@@ -24,17 +24,17 @@ def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, 
                    choices=["cosine", "linear", "constant", "constant_with_warmup"], help="learning-rate schedule")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps spent warming up")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and held-out split")
     g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     g.add_argument("--logging-steps", type=int, default=1, help="log (and write metrics.jsonl) every N steps")
     g.add_argument("--save-steps", type=int, default=save_steps, help="save a checkpoint every N steps")
-    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the newest always)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept, at least 1 (the newest always)")
     g.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 = auto: every core on an idle machine, fewer when other processes "
                         "already keep cores busy (waiting OpenMP threads slow every op down); give N for runs that "
-                        "must be bitwise-reproducible across machine loads")
+                        "must be bitwise-reproducible across machine loads (at most 4 per CPU core)")
 
 
 def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -57,12 +57,15 @@ def apply_threads(requested: int) -> int:
 
     import torch
 
-    if requested < 0:
+    from tellneo.recipes.training import MAX_THREADS_PER_CORE
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not 0 <= requested <= MAX_THREADS_PER_CORE * cores:
         from tellneo.cli import UserError
 
-        raise UserError(f"--threads must be >= 0, got {requested}")
+        raise UserError(f"--threads must be in [0, {MAX_THREADS_PER_CORE * cores}] ({MAX_THREADS_PER_CORE} per CPU "
+                        f"core, {cores} cores here), got {requested}")
     if requested == 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         requested = max(1, min(torch.get_num_threads(), cores - int(busy + 0.5)))
     torch.set_num_threads(requested)
