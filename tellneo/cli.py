@@ -25,6 +25,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (unknown flag, ``--seq-len 1e9`` for an int) are one line, exit status 2,
+    like every other user error: ``tellneo distill: error: argument --seq-len: invalid int value: '1e9'``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2."""
 
@@ -41,7 +49,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tellneo",
         description="Token-efficient fine-tuning (TELL) and LoRA distillation (LLM-NEO) of causal LMs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
