@@ -60,14 +60,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                              "records; default: pairs from Python's documentation)")
     g.add_argument("--max-samples", type=int, default=1200, help="use at most this many records (0 = all)")
     g.add_argument("--eval-samples", type=int, default=24, help="records held out for evaluation")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (longer samples are dropped)")
+    g.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per packed row, at most 1048576; longer records are dropped and counted in the "
+                        "summary, and a held-out set that would lose more than half of its records is refused")
     g.add_argument("--eval-batch-size", type=int, default=4, help="rows per evaluation batch")
 
     add_train_flags(p, learning_rate=None, max_steps=24)
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("outputs/distill"), help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its last readable checkpoint (refused, naming the "
+                        "change, when the configuration or a data file's contents changed)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="discard a previous run in --output-dir: its outputs are deleted before anything new is "
+                        "written (a run directory is locked while a run uses it)")
     g.add_argument("--save-merged", action="store_true", help="also save the student with the adapter merged in")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)

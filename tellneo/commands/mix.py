@@ -46,12 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=512,
                    help="pack windows of this many samples independently to keep the mixed order (0 = global)")
     p.add_argument("--overlong", default="truncate", choices=["error", "truncate", "split"],
-                   help="what to do with samples longer than --seq-len")
+                   help="what to do with samples longer than --seq-len (stats.json counts the "
+                                                            "truncated ones and those left without a trained token)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixing order")
     p.add_argument("--epochs", type=int, default=1, help="epochs to write (each a different order)")
     p.add_argument("--rows-per-shard", type=int, default=1024, help="rows per .npz shard")
     p.add_argument("--output-dir", type=Path, default=Path("outputs/mix"), help="where shards and stats go")
-    p.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different run in --output-dir (its shards and stats are deleted first); a rerun "
+                        "of the same flags on the same file contents reuses the shards already written")
     p.set_defaults(run=run)
 
 
