@@ -211,6 +211,8 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         t0 = time.perf_counter()
         stage(f"tokenizing {len(records)} records")
         vocab = int(student.get_output_embeddings().weight.shape[0])
+        if cfg.offline_topk > vocab:  # checked before the run directory is touched
+            raise RecipeError(f"offline-topk {cfg.offline_topk} is more than the vocabulary ({vocab} ids)")
         train_store = tokenize(train_records, tokenizer, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
         eval_store = tokenize(eval_records, tokenizer, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
         dropped = check_kept(len(train_records), len(train_store), len(eval_records), len(eval_store), cfg.seq_len)

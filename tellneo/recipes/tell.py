@@ -274,6 +274,11 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         general_store = None
         if general is not None:
             general_store = tokenize(general, tokenizer, what="general", vocab_size=vocab, max_tokens=cfg.seq_len)
+        overlong = {"general_records_dropped": len(general) - len(general_store) if general is not None else 0,
+                    "task_samples_truncated": int((task_store.lengths > cfg.seq_len).sum())}
+        if any(overlong.values()):
+            logger.warning(f"--seq-len {cfg.seq_len}: {overlong['general_records_dropped']} longer general records "
+                           f"dropped, {overlong['task_samples_truncated']} longer task samples truncated")
         stage("mixing and packing")
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
         dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0,
@@ -329,7 +334,7 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         "recipe": "tell", "method": cfg.method, "arm": arm, "mode": cfg.mode, "task": task_source,
         "general": general_source, "anchor_chars": len(prefix), "task_ratio": cfg.task_ratio if
         cfg.method == "tell" else 1.0, "spread": cfg.spread if cfg.method == "tell" else None,
-        "train_task_pairs": len(train_pairs), "task_repeats_per_epoch": dataset.repeats,
+        "train_task_pairs": len(train_pairs), "task_repeats_per_epoch": dataset.repeats, "overlong": overlong,
         "test_pairs": len(test_pairs), "steps": trainer.state.global_step,
         "global_batch_rows": global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": len(dataset),
         "exposure": exposure, "trainable_parameters": trainable, "total_parameters": total,

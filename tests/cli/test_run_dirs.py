@@ -382,3 +382,44 @@ def test_last_checkpoint_skips_an_unreadable_trainer_state(tmp_path):
     (tmp_path / "checkpoint-20").mkdir()  # no state at all
     assert last_checkpoint(tmp_path).name == "checkpoint-10"  # numeric order, not 'checkpoint-2' > '...-10'
     assert last_checkpoint(tmp_path / "none") is None
+
+
+def test_prepare_run_dir_deletes_old_outputs_before_the_new_manifest(tmp_path, monkeypatch):
+    import tellneo.io as io
+
+    run = tmp_path / "run"
+    io.prepare_run_dir(run, {"a": 1}, outputs=("epoch-*", "stats.json"))
+    (run / "epoch-000").mkdir()
+    (run / "epoch-000" / "shard-00000.npz").write_bytes(b"old")
+    (run / "stats.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"holds a different run \(changed: a 1 -> 2\)"):
+        io.prepare_run_dir(run, {"a": 2}, outputs=("epoch-*", "stats.json"))
+    assert (run / "stats.json").exists()  # a refusal deletes nothing
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(io, "atomic_write_text", killed)  # interrupted while writing the new manifest
+        with pytest.raises(KeyboardInterrupt):
+            io.prepare_run_dir(run, {"a": 2}, overwrite=True, outputs=("epoch-*", "stats.json"))
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["manifest.json"]
+    assert json.loads((run / "manifest.json").read_text())["config"] == {"a": 1}  # the old run, without its outputs
+
+    (run / "manifest.json").unlink()
+    (run / "stats.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds stats.json without a manifest"):
+        io.prepare_run_dir(run, {"a": 2}, outputs=("epoch-*", "stats.json"))
+    io.release_run_dirs()
+
+
+def test_tell_counts_what_seq_len_drops(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Tell me about the number {i}.", "response": f"The number {i} is nice."} for i in range(70)]
+    rows += [long_record(i) for i in range(10)]
+    general = write_jsonl(tmp_path / "general.jsonl", rows)
+    out = tmp_path / "tell"
+    assert main(["tell", "--model", str(tiny_model_dir), "--general", str(general), "--task-samples", "8",
+                 "--test-samples", "4", "--seq-len", "256", "--max-steps", "2", "--max-new-tokens", "4",
+                 "--general-samples", "0", "--task-ratio", "0.2", "--output-dir", str(out), "--quiet"]) == 0
+    overlong = strict_json(out / "summary.json")["overlong"]
+    assert overlong == {"general_records_dropped": 10, "task_samples_truncated": 0}
