@@ -37,6 +37,16 @@ def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, 
                         "must be bitwise-reproducible across machine loads (at most 4 per CPU core)")
 
 
+def add_run_dir_flags(g: argparse._ArgumentGroup) -> None:
+    """``--resume`` and ``--overwrite``, the two ways to reuse a run directory (:mod:`tellneo.recipes.training`)."""
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its last readable checkpoint (refused, naming the "
+                        "change, when the configuration or a data file's contents changed)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="discard a previous run in --output-dir: its outputs are deleted before anything new is "
+                        "written (a run directory is locked while a run uses it)")
+
+
 def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     from tellneo.recipes.training import TrainSettings
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe_errors, train_settings
+from tellneo.commands._train_flags import (
+    add_run_dir_flags,
+    add_train_flags,
+    apply_threads,
+    recipe_errors,
+    train_settings,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,12 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_train_flags(p, learning_rate=1e-3, max_steps=-1, lr_help="peak learning rate")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("outputs/tell"), help="run directory")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --output-dir from its last readable checkpoint (refused, naming the "
-                        "change, when the configuration or a data file's contents changed)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="discard a previous run in --output-dir: its outputs are deleted before anything new is "
-                        "written (a run directory is locked while a run uses it)")
+    add_run_dir_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 

@@ -42,6 +42,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> No
     assert "error: " in lines[0] and message in lines[0], lines[0]
 
 
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process that holds ``path``'s run-directory lock until killed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tellneo.io import lock_run_dir; lock_run_dir(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(600)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -124,12 +134,8 @@ def test_mix_seq_len_is_bounded(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- lock on the dir
 def test_a_second_run_into_a_locked_directory_refuses_and_a_killed_holder_frees_it(tmp_path):
     out = tmp_path / "mix"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tellneo.io import lock_run_dir; lock_run_dir(sys.argv[1]); "
-                               "print('locked', flush=True); time.sleep(600)", str(out)],
-        stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         general = write_jsonl(tmp_path / "general.jsonl", general_rows(50))
         assert_one_line_error(cli(*mix_args(general, out)), "is in use by another running tellneo process")
         assert not (out / "manifest.json").exists()
@@ -149,12 +155,8 @@ def test_distill_refuses_a_locked_directory_before_loading_anything(tmp_path, ti
     import tellneo.models
 
     out = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tellneo.io import lock_run_dir; lock_run_dir(sys.argv[1]); "
-                               "print('locked', flush=True); time.sleep(600)", str(out)],
-        stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         monkeypatch.setattr(tellneo.models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
         assert main(distill_args(tiny_model_dir, general_jsonl, out)) == 2
         assert "is in use by another running tellneo process" in capsys.readouterr().err
