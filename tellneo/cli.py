@@ -25,6 +25,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (unknown flag, ``--seq-len 1e9`` for an int) are one line, exit status 2,
+    like every other user error: ``tellneo distill: error: argument --seq-len: invalid int value: '1e9'``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2."""
 
@@ -33,14 +41,15 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from tellneo._backend import BackendError
     from tellneo._ext import NativeExtensionError
     from tellneo.data.chat import DataFileError
+    from tellneo.io import RunDirLockedError
     from tellneo.models import ModelNotFoundError
 
     return (UserError, DataFileError, ModelNotFoundError, NativeExtensionError, BackendError, PermissionError,
-            FileExistsError)
+            FileExistsError, RunDirLockedError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tellneo",
         description="Token-efficient fine-tuning (TELL) and LoRA distillation (LLM-NEO) of causal LMs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -75,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_error_types() as exc:
         print(f"tellneo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from tellneo.io import release_run_dirs
+
+        release_run_dirs()  # the kernel would at exit; main() may be called again in this process (tests)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,13 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def check_model_path(model: str | Path | None, what: str = "model path") -> None:
+    """Raise :class:`ModelNotFoundError` naming ``what`` when ``model`` (a GGUF file or HF directory; None = the
+    embedded model) does not exist: cheap, so commands check every path before loading anything."""
+    if model is not None and not Path(model).exists():
+        raise ModelNotFoundError(f"{what} {model} does not exist (give a GGUF file or an HF model directory)")
+
+
 def load_causal_lm(
     model: str | Path | None = None, *, dtype: Any = None, tokenizer_only: bool = False
 ) -> tuple[Any, Any]:
@@ -47,8 +54,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_gguf() if model is None else Path(model)
-    if not path.exists():
-        raise ModelNotFoundError(f"model path {path} does not exist (give a GGUF file or an HF model directory)")
+    check_model_path(path)
     if path.is_file():
         directory, kwargs = path.parent, {"gguf_file": path.name}
     else:

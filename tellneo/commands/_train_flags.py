@@ -24,7 +24,7 @@ def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, 
                    choices=["cosine", "linear", "constant", "constant_with_warmup"], help="learning-rate schedule")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps spent warming up")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and held-out split")
     g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
@@ -34,12 +34,22 @@ def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, 
                         "under OUTPUT_DIR/checkpoints/runs; pip install 'tellneo[tensorboard]'), wandb, mlflow, ... "
                         "(comma-separated; all = every installed one)")
     g.add_argument("--save-steps", type=int, default=save_steps, help="save a checkpoint every N steps")
-    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the newest always)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept, at least 1 (the newest always)")
     g.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 = auto: the cores that are idle right now (CPU time of other "
                         "processes sampled from /proc/stat over 0.25 s; waiting OpenMP threads slow every op down "
                         "on busy cores), recorded in summary.json; give N for runs that must be "
-                        "bitwise-reproducible across machine loads")
+                        "bitwise-reproducible across machine loads (at most 4 per CPU core)")
+
+
+def add_run_dir_flags(g: argparse._ArgumentGroup) -> None:
+    """``--resume`` and ``--overwrite``, the two ways to reuse a run directory (:mod:`tellneo.recipes.training`)."""
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its last readable checkpoint (refused, naming the "
+                        "change, when the configuration or a data file's contents changed)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="discard a previous run in --output-dir: its outputs are deleted before anything new is "
+                        "written (a run directory is locked while a run uses it)")
 
 
 def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -60,13 +70,18 @@ def apply_threads(requested: int) -> int:
     """Set torch's CPU thread count (``requested`` > 0, or auto for 0: :func:`tellneo._cpu.auto_threads`) and
     return it."""
     import logging
+    import os
 
     import torch
 
-    if requested < 0:
+    from tellneo.recipes.training import MAX_THREADS_PER_CORE
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not 0 <= requested <= MAX_THREADS_PER_CORE * cores:
         from tellneo.cli import UserError
 
-        raise UserError(f"--threads must be >= 0, got {requested}")
+        raise UserError(f"--threads must be in [0, {MAX_THREADS_PER_CORE * cores}] ({MAX_THREADS_PER_CORE} per CPU "
+                        f"core, {cores} cores here), got {requested}")
     if requested == 0:
         from tellneo._cpu import auto_threads
 

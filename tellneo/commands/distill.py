@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 
 from tellneo.commands._config import add_config_flag
-from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe_errors, train_settings
+from tellneo.commands._train_flags import (
+    add_run_dir_flags,
+    add_train_flags,
+    apply_threads,
+    recipe_errors,
+    train_settings,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,14 +68,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                              "records (default: pairs from Python's documentation)")
     g.add_argument("--max-samples", type=int, default=1200, help="use at most this many records (0 = all)")
     g.add_argument("--eval-samples", type=int, default=24, help="records held out for evaluation")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (longer samples are dropped)")
+    g.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per packed row, at most 1048576; longer records are dropped and counted in the "
+                        "summary, and a held-out set that would lose more than half of its records is refused")
     g.add_argument("--eval-batch-size", type=int, default=4, help="rows per evaluation batch")
 
     add_train_flags(p, learning_rate=None, max_steps=24)
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("outputs/distill"), help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir")
+    add_run_dir_flags(g)
     g.add_argument("--save-merged", action="store_true", help="also save the student with the adapter merged in")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flag(p, "distill", _manifest_flags)

@@ -7,7 +7,6 @@ Python's own documentation (``tellneo.data.corpora``) and the task is the genera
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -47,12 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=512,
                    help="pack windows of this many samples independently to keep the mixed order (0 = global)")
     p.add_argument("--overlong", default="truncate", choices=["error", "truncate", "split"],
-                   help="what to do with samples longer than --seq-len")
+                   help="what to do with samples longer than --seq-len (stats.json counts the "
+                                                            "truncated ones and those left without a trained token)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixing order")
     p.add_argument("--epochs", type=int, default=1, help="epochs to write (each a different order)")
     p.add_argument("--rows-per-shard", type=int, default=1024, help="rows per .npz shard")
     p.add_argument("--output-dir", type=Path, default=Path("outputs/mix"), help="where shards and stats go")
-    p.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different run in --output-dir (its shards and stats are deleted first); a rerun "
+                        "of the same flags on the same file contents reuses the shards already written")
     p.set_defaults(run=run)
 
 
@@ -66,6 +68,42 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.window < 0:
         raise UserError(f"--window must be >= 0, got {args.window}")
+    from tellneo.data.planning import MAX_SEQ_LEN
+
+    if args.seq_len > MAX_SEQ_LEN:
+        raise UserError(f"--seq-len must be at most {MAX_SEQ_LEN}, got {args.seq_len}")
+    for flag in ("general", "task", "anchor_file"):  # every path before anything is written or loaded
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise UserError(f"--{flag.replace('_', '-')} {path}: no such file")
+    from tellneo.models import check_model_path
+
+    check_model_path(args.model)
+
+
+# what a mix run writes besides its manifest: deleted before a new run's manifest is written
+OUTPUTS = ("epoch-*", "stats.json", "dispersion.png")
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's identity: every flag, and the contents (sha256) of the input files, so that a changed file is a
+    different run rather than a reason to reuse old shards."""
+    from tellneo.io import file_sha256
+
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("run", "verbose", "overwrite")}
+    config["sha256"] = {flag: file_sha256(getattr(args, flag)) for flag in ("general", "task", "anchor_file")}
+    return config
+
+
+def _trained_per_sample(plan: Any, store: Any) -> np.ndarray:
+    """Trained tokens of each sample as written: the labelled tokens its pieces keep (truncation drops the rest),
+    less each piece's first token, which the emit never trains (nothing inside the row predicts it)."""
+    labelled = (store.labels != -100) if store.labels is not None else np.ones(store.num_tokens, dtype=bool)
+    cum = np.concatenate([[0], np.cumsum(labelled)])
+    first = store.offsets[plan.sample] + plan.start
+    per_piece = cum[first + plan.length] - cum[first] - labelled[first]
+    return np.bincount(plan.sample, weights=per_piece, minlength=len(store)).astype(np.int64)
 
 
 def _check_lengths(store: Any, what: str, args: argparse.Namespace) -> None:
@@ -118,13 +156,11 @@ def run(args: argparse.Namespace) -> int:
 
     from tellneo.data import PackedDataset, tell_mix_store
     from tellneo.data.chat import tokenize_records
-    from tellneo.io import atomic_save_npz, atomic_write_text, prepare_run_dir
+    from tellneo.io import atomic_save_npz, atomic_write_text, prepare_run_dir, to_json
     from tellneo.models import load_causal_lm
 
     _check_args(args)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("run", "verbose",
-                                                                                                     "overwrite")}
-    out_dir, resumed = prepare_run_dir(args.output_dir, config, overwrite=args.overwrite)
+    out_dir, resumed = prepare_run_dir(args.output_dir, _config(args), overwrite=args.overwrite, outputs=OUTPUTS)
     timings: dict[str, float] = {}
     with tqdm(total=4 + args.epochs, desc="tellneo mix", unit="stage") as progress:
         t0 = time.perf_counter()
@@ -177,11 +213,17 @@ def run(args: argparse.Namespace) -> int:
                                 position_ids=batch["position_ids"].numpy().astype(np.int32))
                 written += 1
             task_per_row = np.bincount(p.row, weights=is_task[p.sample], minlength=p.num_rows)[dataset.row_order]
+            store = dataset.store
+            written_trained = _trained_per_sample(p, store)
+            placed = np.bincount(p.sample, weights=p.length, minlength=len(store)).astype(np.int64)
             epochs_stats.append({
-                "epoch": epoch, "rows": p.num_rows, "samples": len(dataset.store), "task_samples": int(is_task.sum()),
+                "epoch": epoch, "rows": p.num_rows, "samples": len(store), "task_samples": int(is_task.sum()),
                 "tokens": p.num_tokens, "fill_rate": round(p.fill_rate, 5), "shards_written": written,
                 "shards_reused": skipped,
-                "trained_tokens": int((dataset.store.labels != -100).sum()),
+                "trained_tokens": int(written_trained.sum()),  # what the shards hold (labels != -100)
+                "truncated_samples": int(np.count_nonzero(placed < store.lengths)),
+                "samples_without_trained_tokens": int(np.count_nonzero(written_trained == 0)),
+                "task_samples_without_trained_tokens": int(np.count_nonzero((written_trained == 0) & is_task)),
             })
             if epoch == 0:
                 _plot_dispersion(task_per_row, out_dir / "dispersion.png", args)
@@ -193,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
              "general_records": len(general_recs), "task_records": len(task_recs),
              "general_tokens": general.num_tokens, "task_tokens_per_pass": task.num_tokens,
              "epochs": epochs_stats, "timings": {k: round(v, 3) for k, v in timings.items()}}
-    atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2))
+    atomic_write_text(out_dir / "stats.json", to_json(stats, indent=2))
     _print_summary(stats, out_dir)
     return 0
 
@@ -227,5 +269,11 @@ def _print_summary(stats: dict[str, Any], out_dir: Path) -> None:
     for e in stats["epochs"]:
         print(f"{e['epoch']:>5} {e['samples']:>8} {e['task_samples']:>6} {e['rows']:>6} {e['tokens']:>10} "
               f"{e['fill_rate']:>7.4f} {e['shards_written'] + e['shards_reused']:>7}")
+    for e in stats["epochs"]:
+        if e["truncated_samples"] or e["samples_without_trained_tokens"]:
+            print(f"warning: epoch {e['epoch']}: {e['truncated_samples']} samples longer than --seq-len "
+                  f"{stats['seq_len']} were truncated; {e['samples_without_trained_tokens']} samples "
+                  f"({e['task_samples_without_trained_tokens']} task) keep no trained token (use --overlong split "
+                  "or raise --seq-len)")
     print("timings: " + ", ".join(f"{k} {v:.2f}" for k, v in stats["timings"].items()))
     print(f"wrote {out_dir}/stats.json, {out_dir}/dispersion.png and the shards under {out_dir}/epoch-*/")

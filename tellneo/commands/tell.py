@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 
 from tellneo.commands._config import add_config_flag
-from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe_errors, train_settings
+from tellneo.commands._train_flags import (
+    add_run_dir_flags,
+    add_train_flags,
+    apply_threads,
+    recipe_errors,
+    train_settings,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -70,8 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_train_flags(p, learning_rate=1e-3, max_steps=-1, lr_help="peak learning rate")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("outputs/tell"), help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir")
+    add_run_dir_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flag(p, "tell", _manifest_flags)
     p.set_defaults(run=run)

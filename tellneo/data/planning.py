@@ -15,6 +15,8 @@ Overlong samples (longer than ``seq_len``) follow ``overlong``: ``error`` raises
 ``window`` (bfd/ffd): pack consecutive windows of that many pieces independently, so that sample order (e.g. the
 TELL dispersion of task samples) is preserved at the scale of a window; rows of window k all precede rows of
 window k+1.
+
+``seq_len`` is at most :data:`MAX_SEQ_LEN` (the planners' bookkeeping grows with it).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from tellneo._ext import has_native, native
 
 STRATEGIES = ("bfd", "ffd", "wrap")
 OVERLONG = ("error", "truncate", "split")
+# The planners keep O(seq_len) bookkeeping (a capacity tree over remaining room 0..seq_len), so seq_len is bounded:
+# 2^20 tokens is far beyond any model's context and costs ~50 MB; 10^9 would need tens of GB even for one sample.
+MAX_SEQ_LEN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,8 @@ def _check_args(lengths: Any, seq_len: int, strategy: str, overlong: str, window
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if overlong not in OVERLONG:
         raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len <= 0:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or not 0 < seq_len <= MAX_SEQ_LEN:
+        raise ValueError(f"seq_len must be a positive int of at most {MAX_SEQ_LEN}, got {seq_len!r}")
     if window is not None and (not isinstance(window, (int, np.integer)) or window <= 0):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     from tellneo.data.tokens import _as_int_array

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from tellneo.data.planning import MAX_SEQ_LEN
+from tellneo.io import file_sha256, lock_run_dir
 from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
 from tellneo.recipes.neo import NEO_PRESET, KDSettings, NeoTrainer, build_student, check_compatible, parse_layers
 from tellneo.recipes.training import (
@@ -35,6 +37,7 @@ logger = logging.getLogger("tellneo")
 __all__ = ["DistillConfig", "load_distilled_student", "run_distill"]
 
 PRESETS = ("default", "neo")
+MIN_EVAL_KEPT = 0.5  # refuse a held-out set that loses more than half its records to --seq-len
 
 
 @dataclass
@@ -92,8 +95,8 @@ class DistillConfig:
             )
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
-        if self.seq_len < 16:
-            raise RecipeError(f"seq-len must be at least 16, got {self.seq_len}")
+        if not 16 <= self.seq_len <= MAX_SEQ_LEN:
+            raise RecipeError(f"seq-len must be in [16, {MAX_SEQ_LEN}], got {self.seq_len}")
         if self.eval_samples <= 0:
             raise RecipeError(f"eval-samples must be positive, got {self.eval_samples}")
         if self.offline_topk < 0:
@@ -106,6 +109,7 @@ class DistillConfig:
         d.pop("output_dir")
         d["resolved_lora"] = lora.to_dict() if self.mode == "lora" else None
         d["resolved_kd"] = asdict(kd)
+        d["data_sha256"] = file_sha256(self.data)  # the file's contents: --resume refuses changed data
         return d
 
 
@@ -128,6 +132,20 @@ def _load_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any
     check_compatible(teacher, student)
     info["num_layers"] = int(student.config.num_hidden_layers)
     return student, info
+
+
+def check_kept(train_in: int, train_kept: int, eval_in: int, eval_kept: int, seq_len: int) -> dict[str, int]:
+    """Records longer than ``seq_len`` are dropped (see :func:`tellneo.recipes.records.tokenize`): log how many,
+    refuse a held-out set that keeps fewer than :data:`MIN_EVAL_KEPT` of its records (its metrics would describe
+    another set than asked for), and return ``{"train": dropped, "eval": dropped}`` for the summary."""
+    dropped = {"train": train_in - train_kept, "eval": eval_in - eval_kept}
+    if eval_kept < MIN_EVAL_KEPT * eval_in:
+        raise RecipeError(f"only {eval_kept} of {eval_in} held-out records fit in --seq-len {seq_len} tokens (the "
+                          f"others are longer and would be dropped); raise --seq-len or use shorter data")
+    if dropped["train"] or dropped["eval"]:
+        logger.warning(f"dropped {dropped['train']} of {train_in} training and {dropped['eval']} of {eval_in} "
+                       f"held-out records longer than --seq-len {seq_len} tokens")
+    return dropped
 
 
 def _epochs_needed(train: TrainSettings, rows: int, global_batch: int) -> int:
@@ -153,7 +171,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     from transformers import set_seed
 
     from tellneo.data import PackedCollator, PackedDataset
-    from tellneo.models import load_causal_lm
+    from tellneo.models import check_model_path, load_causal_lm
     from tellneo.recipes.evaluate import distill_metrics, eval_batches
     from tellneo.recipes.offline import TopkCollator, TopkDataset, precompute_teacher_topk
     from tellneo.recipes.records import general_records, split_records, tokenize
@@ -175,6 +193,9 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     state = PartialState()
     if state.is_main_process:
         check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
+        lock_run_dir(out, create=False)  # a run already in that directory: refuse now, not after loading
+    check_model_path(cfg.teacher, "teacher path")
+    check_model_path(cfg.student, "student path")
     timings: dict[str, float] = {}
 
     machine_start = machine_state()
@@ -193,8 +214,11 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         t0 = time.perf_counter()
         stage(f"tokenizing {len(records)} records")
         vocab = int(student.get_output_embeddings().weight.shape[0])
+        if cfg.offline_topk > vocab:  # checked before the run directory is touched
+            raise RecipeError(f"offline-topk {cfg.offline_topk} is more than the vocabulary ({vocab} ids)")
         train_store = tokenize(train_records, tokenizer, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
         eval_store = tokenize(eval_records, tokenizer, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
+        dropped = check_kept(len(train_records), len(train_store), len(eval_records), len(eval_store), cfg.seq_len)
         stage("packing")
         pad_id = tokenizer.pad_token_id or 0
         train_ds = PackedDataset(train_store, cfg.seq_len, seed=cfg.train.seed, shuffle=True, pad_id=pad_id)
@@ -275,8 +299,9 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     train_rows = [r for r in metrics if "loss" in r]
     summary = {
         "recipe": "neo", "mode": cfg.mode, "teacher": cfg.teacher or "embedded SmolLM2-135M-Instruct",
-        "student": student_info, "data": source, "train_records": len(train_records),
-        "eval_records": len(eval_records), "train_rows_per_epoch": len(train_ds), "eval_tokens": before["tokens"],
+        "student": student_info, "data": source, "train_records": len(train_store),
+        "eval_records": len(eval_store), "records_dropped_overlong": dropped,
+        "train_rows_per_epoch": len(train_ds), "eval_tokens": before["tokens"],
         "steps": trainer.state.global_step, "global_batch_rows": global_batch, "seq_len": cfg.seq_len,
         "trained_tokens_per_epoch": int((train_store.labels != -100).sum()),
         "lora": lora.to_dict() if cfg.mode == "lora" else None, "kd": asdict(kd),

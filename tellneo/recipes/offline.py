@@ -118,7 +118,7 @@ def precompute_teacher_topk(
     fingerprints = {int(e): dataset_fingerprint(dataset, int(e)) for e in epochs}
     config = {"k": k, "temperature": temperature, "seq_len": dataset.seq_len, "rows_per_shard": rows_per_shard,
               "vocab_size": vocab_size, "data": fingerprints, "teacher": _teacher_fingerprint(teacher)}
-    prepare_run_dir(root, config, overwrite=overwrite)
+    prepare_run_dir(root, config, overwrite=overwrite, outputs=("epoch-*",))
     teacher.eval()
     for epoch in epochs:
         dataset.set_epoch(int(epoch))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -10,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tellneo.io import atomic_save_figure, atomic_write_text
+from tellneo.io import atomic_save_figure, atomic_write_text, to_json
 
 __all__ = ["StageBar", "fmt", "machine_state", "markdown_table", "plot_loss_curve", "save_pretrained_atomic",
            "write_summary"]
@@ -109,9 +108,9 @@ def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike[s
 
 
 def write_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any], table: str) -> None:
-    """``summary.json`` (everything) and ``summary.md`` (the table), both atomic."""
+    """``summary.json`` (everything; non-finite numbers as null) and ``summary.md`` (the table), both atomic."""
     out = Path(out_dir)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.json", to_json(summary, indent=2))  # NaN (e.g. no teacher) -> null
     atomic_write_text(out / "summary.md", table + "\n")
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from tellneo.data.planning import MAX_SEQ_LEN
+from tellneo.io import file_sha256, lock_run_dir
 from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
 from tellneo.recipes.training import (
     CHECKPOINTS,
@@ -92,6 +94,8 @@ class TellConfig:
                 raise RecipeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.window < 0:
             raise RecipeError(f"window must be >= 0, got {self.window}")
+        if self.seq_len > MAX_SEQ_LEN:
+            raise RecipeError(f"seq-len must be at most {MAX_SEQ_LEN}, got {self.seq_len}")
         try:
             return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                                 patch=self.fused_lora)
@@ -102,6 +106,8 @@ class TellConfig:
         d = asdict(self)
         d.pop("output_dir")
         d["anchored"] = self.anchored
+        # the files' contents: --resume refuses changed data
+        d["data_sha256"] = {k: file_sha256(getattr(self, k)) for k in ("task_file", "test_file", "general")}
         return d
 
 
@@ -220,7 +226,7 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     from transformers import set_seed
 
     from tellneo.data import PackedCollator
-    from tellneo.models import load_causal_lm
+    from tellneo.models import check_model_path, load_causal_lm
     from tellneo.recipes.evaluate import task_accuracy
     from tellneo.recipes.neo import KDSettings, NeoTrainer
     from tellneo.recipes.records import general_records, tokenize
@@ -239,8 +245,11 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     out = Path(cfg.output_dir)
     args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
     state = PartialState()
+    manifest = cfg.manifest()
     if state.is_main_process:
-        check_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
+        check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
+        lock_run_dir(out, create=False)  # a run already in that directory: refuse now, not after loading
+    check_model_path(cfg.model)
     timings: dict[str, float] = {}
 
     machine_start = machine_state()
@@ -265,6 +274,11 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         general_store = None
         if general is not None:
             general_store = tokenize(general, tokenizer, what="general", vocab_size=vocab, max_tokens=cfg.seq_len)
+        overlong = {"general_records_dropped": len(general) - len(general_store) if general is not None else 0,
+                    "task_samples_truncated": int((task_store.lengths > cfg.seq_len).sum())}
+        if any(overlong.values()):
+            logger.warning(f"--seq-len {cfg.seq_len}: {overlong['general_records_dropped']} longer general records "
+                           f"dropped, {overlong['task_samples_truncated']} longer task samples truncated")
         stage("mixing and packing")
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
         dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0,
@@ -277,7 +291,7 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
 
     # inputs are valid: now the run directory is created (or reopened) and written
     with state.main_process_first():
-        out, resume_from = open_run_dir(out, cfg.manifest(), resume=resume, overwrite=overwrite,
+        out, resume_from = open_run_dir(out, manifest, resume=resume, overwrite=overwrite,
                                         is_main=state.is_main_process)
 
     def accuracy(m: Any, label: str) -> dict[str, Any]:
@@ -320,7 +334,7 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         "recipe": "tell", "method": cfg.method, "arm": arm, "mode": cfg.mode, "task": task_source,
         "general": general_source, "anchor_chars": len(prefix), "task_ratio": cfg.task_ratio if
         cfg.method == "tell" else 1.0, "spread": cfg.spread if cfg.method == "tell" else None,
-        "train_task_pairs": len(train_pairs), "task_repeats_per_epoch": dataset.repeats,
+        "train_task_pairs": len(train_pairs), "task_repeats_per_epoch": dataset.repeats, "overlong": overlong,
         "test_pairs": len(test_pairs), "steps": trainer.state.global_step,
         "global_batch_rows": global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": len(dataset),
         "exposure": exposure, "trainable_parameters": trainable, "total_parameters": total,

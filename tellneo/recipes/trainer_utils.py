@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -24,12 +25,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import math
-
 import torch
 from transformers import Trainer, TrainerCallback
 
-from tellneo.io import atomic_write_text
+from tellneo.io import atomic_write_text, to_json
 from tellneo.recipes.common import RecipeError
 
 logger = logging.getLogger("tellneo")
@@ -133,14 +132,24 @@ class RecipeTrainerMixin:
 
 
 def last_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete ``checkpoint-N`` in ``checkpoint_dir`` (None if there is none)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest usable ``checkpoint-N`` in ``checkpoint_dir`` (None if there is none): one whose
+    ``trainer_state.json`` parses. A newer checkpoint with a missing or truncated state (a disk that filled up, a
+    file damaged later) is skipped with a warning, so a resume falls back to the previous checkpoint."""
     d = Path(checkpoint_dir)
     if not d.is_dir():
         return None
-    found = get_last_checkpoint(str(d))
-    return Path(found) if found else None
+    found = []
+    for p in d.iterdir():
+        step = p.name[len(CHECKPOINT_PREFIX) + 1:]
+        if p.is_dir() and p.name.startswith(f"{CHECKPOINT_PREFIX}-") and step.isdigit():
+            found.append((int(step), p))
+    for _, p in sorted(found, reverse=True):
+        try:
+            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
+            return p
+        except (OSError, ValueError) as exc:
+            logger.warning(f"skipping {p}: its trainer_state.json is unreadable ({exc}); using an older checkpoint")
+    return None
 
 
 def clean_staging(checkpoint_dir: str | os.PathLike[str]) -> None:
@@ -210,9 +219,8 @@ class MetricsJsonlCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= state.global_step]
+        atomic_write_text(self.path, "".join(to_json(r) + "\n" for r in kept))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -220,14 +228,38 @@ class MetricsJsonlCallback(TrainerCallback):
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        line = (to_json(record) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)  # one write of the whole line: concurrent readers see whole lines
+        finally:
+            os.close(fd)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (empty list if the file does not exist)."""
+    """The records of a ``metrics.jsonl`` (empty list if the file does not exist).
+
+    A torn last line (a write cut short by a full disk or a kill) is dropped with a warning, and the next resume
+    rewrites the file without it; an unreadable line before the last raises ValueError naming file and line.
+    Non-finite values were written as ``null``.
+    """
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = p.read_text(encoding="utf-8", errors="replace")
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if n == len(lines) - 1:
+                logger.warning(f"{p}:{i}: dropping a torn last line ({exc})")
+                break
+            from tellneo.recipes.common import RecipeError
+
+            raise RecipeError(f"{p}:{i}: not a metrics record ({exc}); repair or delete the line") from None
+        records.append(record)
+    return records

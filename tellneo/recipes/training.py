@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
+import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tellneo.io import prepare_run_dir
+from tellneo.io import lock_run_dir, prepare_run_dir, remove_outputs
 from tellneo.recipes.common import RecipeError
 from tellneo.recipes.trainer_utils import clean_staging, last_checkpoint
 
@@ -27,6 +28,13 @@ __all__ = ["TrainSettings", "check_run_dir", "check_report_to", "open_run_dir", 
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+TOPK = "teacher_topk"
+# Everything a run writes into its directory besides the manifest: cleared before a fresh start writes its
+# manifest, so an interrupted --overwrite never leaves the new manifest beside the old run's results.
+RUN_OUTPUTS = (CHECKPOINTS, METRICS, TOPK, "summary.json", "summary.md", "loss_curve.png", "adapter", "model",
+               "merged", ".staging-adapter", ".staging-model", ".staging-merged", ".old-adapter", ".old-model",
+               ".old-merged")
+MAX_THREADS_PER_CORE = 4
 
 
 @dataclass
@@ -62,10 +70,19 @@ class TrainSettings:
             raise RecipeError(f"max-steps must be positive (or -1 for --epochs), got {self.max_steps}")
         if self.max_steps < 0 and not self.epochs > 0:
             raise RecipeError(f"epochs must be > 0, got {self.epochs}")
-        if not self.learning_rate > 0:
-            raise RecipeError(f"learning rate must be > 0, got {self.learning_rate}")
+        if self.max_steps < 0 and not math.isfinite(self.epochs):
+            raise RecipeError(f"epochs must be finite, got {self.epochs}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise RecipeError(f"learning-rate must be a finite number > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise RecipeError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise RecipeError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise RecipeError(f"weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
+            raise RecipeError(f"max-grad-norm must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.save_total_limit < 1:
+            raise RecipeError(f"save-total-limit must be at least 1 (the newest checkpoint is always kept), got "
+                              f"{self.save_total_limit}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,11 +152,10 @@ def check_report_to(report_to: str | list[str]) -> list[str]:
 def check_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
     """Everything :func:`open_run_dir` would refuse, checked without writing anything (call it before the slow
     loading so that a bad ``--output-dir`` fails at once, and a failed start leaves no manifest behind)."""
-    import json
-    import os
+    from tellneo.io import config_hash, different_run_message, read_manifest
 
-    from tellneo.io import config_hash
-
+    if resume and overwrite:
+        raise RecipeError("--resume and --overwrite contradict each other (continue the run, or discard it): pass one")
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -148,51 +164,57 @@ def check_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, ove
         raise PermissionError(f"cannot create output directory {path}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"output directory {existing} is not writable")
-    manifest = path / "manifest.json"
+    old = read_manifest(path)
     latest = last_checkpoint(path / CHECKPOINTS)
-    if manifest.exists():
-        try:
-            old = json.loads(manifest.read_text(encoding="utf-8")).get("config_hash")
-        except (OSError, ValueError):
-            old = None
-        if old != config_hash(config):
+    if old is not None:
+        if old.get("config_hash") != config_hash(config):
             if not overwrite:
-                raise FileExistsError(
-                    f"{path} holds a different run (config hash {old}, this one {config_hash(config)}); choose "
-                    "another --output-dir or pass --overwrite")
+                message = different_run_message(path, old, config)
+                raise FileExistsError(f"--resume: {message}" if resume else message)
             return
         if not resume and not overwrite and (latest is not None or (path / "summary.json").exists()):
             what = f"checkpoints up to {latest.name}" if latest is not None else "a finished run"
             raise RecipeError(f"{path} already holds {what} of this configuration; pass --resume to continue it, "
                               "--overwrite to start over, or choose another --output-dir")
-    elif (latest is not None or (path / METRICS).exists()) and not overwrite:
-        raise RecipeError(f"{path} holds checkpoints or metrics without a manifest of their run; pass --overwrite "
-                          "to replace them or choose another --output-dir")
+    elif not overwrite:
+        found = [name for name in RUN_OUTPUTS if (path / name).exists()]
+        if found:
+            raise RecipeError(f"{path} holds {', '.join(found)} without a manifest of their run; pass --overwrite "
+                              "to replace them or choose another --output-dir")
 
 
 def open_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
                  is_main: bool = True) -> tuple[Path, Path | None]:
     """Create or reopen a run directory; returns ``(path, checkpoint to resume from or None)``.
 
-    * a different run in ``path``: FileExistsError unless ``overwrite`` (then its checkpoints and metrics go);
+    * a different run in ``path``: FileExistsError naming what changed unless ``overwrite``;
     * the same run with checkpoints or a summary: resumed with ``resume``, else RecipeError (nothing is touched);
-    * ``resume`` without a checkpoint: a fresh start.
+    * ``resume`` without a checkpoint: a fresh start (precomputed teacher top-k of the same config are kept).
+
+    A fresh start deletes the old run's outputs (:data:`RUN_OUTPUTS`) *before* it writes its manifest. The
+    directory stays locked for this process (:func:`tellneo.io.lock_run_dir`): a concurrent run refuses.
     """
+    from tellneo.io import config_hash, read_manifest
+
     path = Path(path)
     if not is_main:
         return path, last_checkpoint(path / CHECKPOINTS) if resume else None
     check_run_dir(path, config, resume=resume, overwrite=overwrite)
-    out, same = prepare_run_dir(path, config, overwrite=overwrite)
-    ckpt_dir = out / CHECKPOINTS
+    lock_run_dir(path)
+    check_run_dir(path, config, resume=resume, overwrite=overwrite)  # again, now that no other run can change it
+    old = read_manifest(path)
+    same = old is not None and old.get("config_hash") == config_hash(config)
+    ckpt_dir = path / CHECKPOINTS
     clean_staging(ckpt_dir)
     latest = last_checkpoint(ckpt_dir)
     if resume and same and latest is not None:
-        return out, latest
+        prepare_run_dir(path, config)
+        return path, latest
     if resume and same:
         logger.info(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-    # a fresh start (new directory, --overwrite, or --resume without a checkpoint): old progress files go
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    (out / METRICS).unlink(missing_ok=True)
+    # a fresh start (new directory, --overwrite, or --resume without a checkpoint): the old run's files go first
+    remove_outputs(path, [name for name in RUN_OUTPUTS if not (same and not overwrite and name == TOPK)])
+    out, _ = prepare_run_dir(path, config, overwrite=True)
     return out, None
 
 
