@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-#: manifest entries derived from the others (recomputed by the run, never flags)
-_DERIVED = {"resolved_lora", "resolved_kd", "anchored"}
+#: manifest entries derived from the others or from the data files (recomputed by the run, never flags)
+_DERIVED = {"resolved_lora", "resolved_kd", "anchored", "data_sha256"}
 
 
 def add_config_flag(p: argparse.ArgumentParser, command: str,

@@ -101,7 +101,8 @@ def test_mix_truncation_reports_the_trained_tokens_on_disk(tmp_path, capsys):
     rows = [{"prompt": "Repeat after me: " + "lorem ipsum " * (40 if i % 2 else 2), "response": f"done {i}."}
             for i in range(40)]
     out = tmp_path / "mix"
-    assert main(mix_args(write_jsonl(tmp_path / "long.jsonl", rows), out, "--seq-len", "64")) == 0
+    # --no-anchor: the anchored task samples alone exceed 64 tokens, and a mix that would cut every one is refused
+    assert main(mix_args(write_jsonl(tmp_path / "long.jsonl", rows), out, "--seq-len", "64", "--no-anchor")) == 0
     assert "keep no trained token" in capsys.readouterr().out
     (epoch,) = strict_json(out / "stats.json")["epochs"]
     on_disk = sum(int((np.load(s)["labels"] != -100).sum()) for s in out.glob("epoch-000/shard-*.npz"))
