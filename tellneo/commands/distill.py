@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe_errors, train_settings
+from tellneo.commands._train_flags import (
+    add_save_flags,
+    add_train_flags,
+    apply_threads,
+    recipe_errors,
+    save_options,
+    train_settings,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--output-dir", type=Path, default=Path("outputs/distill"), help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir")
-    g.add_argument("--save-merged", action="store_true", help="also save the student with the adapter merged in")
+    add_save_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             mode=args.mode, preset=args.preset, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, fused_lora=not args.no_fused_lora, alpha=args.alpha,
             temperature=args.temperature, divergence=args.divergence, beta=args.beta,
-            offline_topk=args.offline_topk, eval_batch_size=args.eval_batch_size, save_merged=args.save_merged,
+            offline_topk=args.offline_topk, eval_batch_size=args.eval_batch_size, **save_options(args),
             output_dir=str(args.output_dir), train=train_settings(args, learning_rate=lr),
         )
         apply_threads(args.threads)

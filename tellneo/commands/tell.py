@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tellneo.commands._train_flags import add_train_flags, apply_threads, recipe_errors, train_settings
+from tellneo.commands._train_flags import (
+    add_save_flags,
+    add_train_flags,
+    apply_threads,
+    recipe_errors,
+    save_options,
+    train_settings,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--output-dir", type=Path, default=Path("outputs/tell"), help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir")
+    add_save_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -95,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
             general_samples=args.general_samples or None, seq_len=args.seq_len, window=args.window,
             mode=args.mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             fused_lora=not args.no_fused_lora, max_new_tokens=args.max_new_tokens,
-            eval_batch_size=args.eval_batch_size, output_dir=str(args.output_dir), train=train_settings(args),
+            eval_batch_size=args.eval_batch_size, **save_options(args), output_dir=str(args.output_dir),
+            train=train_settings(args),
         )
         apply_threads(args.threads)
         summary = run_tell(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)

@@ -20,6 +20,7 @@ import torch
 
 from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
 from tellneo.recipes.neo import NEO_PRESET, KDSettings, NeoTrainer, build_student, check_compatible, parse_layers
+from tellneo.recipes.outputs import OUTPUT_OPTIONS, STUDENT_BASE, check_output_options, point_adapter_at
 from tellneo.recipes.training import (
     CHECKPOINTS,
     METRICS,
@@ -65,7 +66,9 @@ class DistillConfig:
     beta: float = 0.5
     offline_topk: int = 0  # > 0: precompute the teacher's top-k once and train without the teacher
     eval_batch_size: int = 4
-    save_merged: bool = False
+    save_merged: bool = False  # also OUTPUT/merged: the adapter merged in (lora mode)
+    merged_dtype: str = "fp32"  # dtype of merged/ and model.gguf: fp32, bf16 or fp16
+    save_gguf: bool = False  # also OUTPUT/model.gguf (tellneo.export.export_gguf)
     output_dir: str = "outputs/distill"
     train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=24))
 
@@ -98,12 +101,14 @@ class DistillConfig:
             raise RecipeError(f"eval-samples must be positive, got {self.eval_samples}")
         if self.offline_topk < 0:
             raise RecipeError(f"offline-topk must be >= 0, got {self.offline_topk}")
+        check_output_options(self.merged_dtype)
         return lora, kd
 
     def manifest(self) -> dict[str, Any]:
         lora, kd = self.resolved()
         d = asdict(self)
-        d.pop("output_dir")
+        for name in ("output_dir", *OUTPUT_OPTIONS):  # where and what to save does not change the run
+            d.pop(name)
         d["resolved_lora"] = lora.to_dict() if self.mode == "lora" else None
         d["resolved_kd"] = asdict(kd)
         return d
@@ -128,6 +133,20 @@ def _load_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any
     check_compatible(teacher, student)
     info["num_layers"] = int(student.config.num_hidden_layers)
     return student, info
+
+
+def _save_student_base(cfg: DistillConfig, student: Any, tokenizer: Any, out: Path, *, is_main: bool) -> str:
+    """Save the student the adapter is trained on as a plain HF directory (``OUTPUT/student_base``) and make it
+    the adapter's ``base_model_name_or_path``, so that the adapter loads onto the right layers without the teacher
+    (a student given as an HF directory is named as it is). Returns the absolute path."""
+    from tellneo.recipes.reporting import save_pretrained_atomic
+
+    if cfg.student is not None and Path(cfg.student).is_dir():
+        return point_adapter_at(student, cfg.student)
+    base = out / STUDENT_BASE
+    if is_main:
+        save_pretrained_atomic(student, base, tokenizer)
+    return point_adapter_at(student, base)
 
 
 def _epochs_needed(train: TrainSettings, rows: int, global_batch: int) -> int:
@@ -159,9 +178,9 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         machine_state,
         markdown_table,
         plot_loss_curve,
-        save_pretrained_atomic,
         write_summary,
     )
+    from tellneo.recipes.outputs import save_model_outputs
     from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
 
     t_start = time.perf_counter()
@@ -240,6 +259,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
 
     set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
     if cfg.mode == "lora":
+        student_info["base"] = _save_student_base(cfg, student, tokenizer, out, is_main=state.is_main_process)
         model = attach_lora(student, lora)
     else:
         model = student.requires_grad_(True)
@@ -264,9 +284,8 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
 
     if state.is_main_process:
         t0 = time.perf_counter()
-        save_pretrained_atomic(model, out / ("adapter" if cfg.mode == "lora" else "model"), tokenizer)
-        if cfg.save_merged and cfg.mode == "lora":
-            save_pretrained_atomic(model.merge_and_unload(), out / "merged", tokenizer)
+        written = save_model_outputs(model, out, tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
+                                     merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf)
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     train_rows = [r for r in metrics if "loss" in r]
@@ -286,6 +305,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         if train_output is not None else None,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "processes": state.num_processes, "machine_at_start": machine_start, "machine_at_end": machine_state(),
+        "outputs": written if state.is_main_process else {},
     }
     table = markdown_table(
         ["held-out metric", "student before", "student after", "teacher"],
@@ -305,8 +325,8 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
 
 def load_distilled_student(run_dir: str | Path) -> Any:
     """Rebuild the trained student of a ``tellneo distill`` run: the full model (``mode="full"``), or the student
-    base (rebuilt from the teacher and the recorded layers, or loaded from ``student``) with the saved LoRA
-    adapter. Returns the model in eval mode."""
+    base (``student_base/``; in runs older than it, rebuilt from the teacher and the recorded layers, or loaded
+    from ``student``) with the saved LoRA adapter. Returns the model in eval mode."""
     import json
 
     from tellneo.models import load_causal_lm
@@ -318,6 +338,9 @@ def load_distilled_student(run_dir: str | Path) -> Any:
         return model.eval()
     from peft import PeftModel
 
+    if (run / STUDENT_BASE).is_dir():  # runs since the student base is saved beside the adapter
+        base, _ = load_causal_lm(run / STUDENT_BASE)
+        return PeftModel.from_pretrained(base, run / "adapter").eval()
     teacher, _ = load_causal_lm(config["teacher"])
     if config["student"] is None:
         layers, keep = parse_layers(config["layers"])
