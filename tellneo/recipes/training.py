@@ -19,7 +19,7 @@ import torch
 
 from tellneo.io import prepare_run_dir
 from tellneo.recipes.common import RecipeError
-from tellneo.recipes.trainer_utils import clean_staging, last_checkpoint
+from tellneo.recipes.trainer_utils import WARMUP_RATIO_ATTR, clean_staging, last_checkpoint
 
 logger = logging.getLogger("tellneo")
 
@@ -35,7 +35,9 @@ class TrainSettings:
 
     ``batch_size`` is per device (rows of ``seq_len`` tokens); the global batch is
     ``batch_size * grad_accum * world_size``. ``max_steps > 0`` overrides ``epochs``. ``warmup_ratio`` is a
-    fraction of the total optimizer steps.
+    fraction of the total optimizer steps, turned into whole steps by
+    :func:`tellneo.recipes.trainer_utils.warmup_steps` (rounded down, always leaving a step at the peak learning
+    rate) with a linear warm-up whose first step already has lr > 0.
     """
 
     batch_size: int = 2
@@ -81,7 +83,7 @@ class TrainSettings:
             num_train_epochs=self.epochs,
             learning_rate=self.learning_rate,
             lr_scheduler_type=self.lr_scheduler,
-            warmup_steps=self.warmup_ratio,
+            warmup_steps=0,  # integer steps from warmup_ratio once the total is known (RecipeTrainerMixin)
             weight_decay=self.weight_decay,
             max_grad_norm=self.max_grad_norm,
             seed=self.seed,
@@ -103,7 +105,10 @@ class TrainSettings:
         kwargs[prefix] = self.gradient_checkpointing
         kwargs[f"{prefix}_kwargs"] = {"use_reentrant": False} if self.gradient_checkpointing else None
         kwargs.update(overrides)
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
+        if "warmup_steps" not in overrides:
+            setattr(args, WARMUP_RATIO_ATTR, self.warmup_ratio)
+        return args
 
 
 def check_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
