@@ -85,9 +85,33 @@ def test_student_kv_cache_generation_matches_full_recompute():
     assert torch.equal(cached, seq)
 
 
-def test_build_student_rejects_non_llama():
-    with pytest.raises(TypeError, match="not a Llama-family"):
+def test_build_student_rejects_unknown_layouts():
+    with pytest.raises(TypeError, match=r"supported layouts are \.model\.layers \(Llama family\) and \.model\.h"):
         build_student(torch.nn.Linear(2, 2))
+
+
+def test_gpt2_style_student():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=5, n_head=4)).eval()
+    student = build_student(teacher, [1, 3, 4])
+    assert student.config.n_layer == 3 and len(student.transformer.h) == 3
+    assert [block.attn.layer_idx for block in student.transformer.h] == [0, 1, 2]
+    assert student.lm_head.weight is student.transformer.wte.weight  # GPT-2 ties its head
+    reference = copy.deepcopy(teacher)
+    reference.transformer.h = torch.nn.ModuleList([reference.transformer.h[i] for i in (1, 3, 4)])
+    for i, block in enumerate(reference.transformer.h):
+        block.attn.layer_idx = i
+    reference.config.n_layer = 3
+    ids = torch.randint(0, 97, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=0, atol=0)
+        cached = student.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+        seq = ids[:1, :4]
+        for _ in range(5):
+            seq = torch.cat([seq, student(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq)
 
 
 class _Tok:
