@@ -20,7 +20,13 @@ import torch
 
 from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
 from tellneo.recipes.neo import NEO_PRESET, KDSettings, NeoTrainer, build_student, check_compatible, parse_layers
-from tellneo.recipes.outputs import OUTPUT_OPTIONS, STUDENT_BASE, check_output_options, point_adapter_at
+from tellneo.recipes.outputs import (
+    OUTPUT_OPTIONS,
+    STUDENT_BASE,
+    check_gguf_export,
+    check_output_options,
+    point_adapter_at,
+)
 from tellneo.recipes.training import (
     CHECKPOINTS,
     METRICS,
@@ -164,6 +170,15 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     unreadable model), FileExistsError / PermissionError (output directory), KeyboardInterrupt after a Ctrl-C
     (a checkpoint of the last finished step is saved: rerun with ``resume=True``).
     """
+    from tellneo.models import hf_progress_bars
+
+    with hf_progress_bars(progress):  # progress=False also silences transformers' loading/saving bars
+        return _run_distill(cfg, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """The body of :func:`run_distill`."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
     from transformers import set_seed
@@ -204,6 +219,8 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         teacher, tokenizer = load_causal_lm(cfg.teacher)
         stage("building the student" if cfg.student is None else "loading the student")
         student, student_info = _load_student(cfg, teacher, tokenizer)
+        if cfg.save_gguf:
+            check_gguf_export(student, tokenizer)
         timings["load_models_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -281,11 +298,17 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     t0 = time.perf_counter()
     after = evaluate(model, "after", teacher_cache)
     timings["eval_after_s"] = time.perf_counter() - t0
+    if state.is_main_process:  # again, with the held-out points before (step 0) and after training
+        final = trainer.state.global_step
+        plot_loss_curve(metrics, out / "loss_curve.png", title=title, held_out={
+            "held-out ce": [(0, before["ce"]), (final, after["ce"])],
+            "held-out kl": [(0, before["kl"]), (final, after["kl"])]})
 
     if state.is_main_process:
         t0 = time.perf_counter()
         written = save_model_outputs(model, out, tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
-                                     merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf)
+                                     merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf,
+                                     model_source=cfg.teacher)
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     train_rows = [r for r in metrics if "loss" in r]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["MERGED_DTYPES", "OUTPUT_OPTIONS", "STUDENT_BASE", "check_output_options", "merged_model",
-           "point_adapter_at", "save_model_outputs"]
+           "check_gguf_export", "point_adapter_at", "save_model_outputs", "source_pre_tokenizer"]
 
 STUDENT_BASE = "student_base"
 GGUF_NAME = "model.gguf"
@@ -66,12 +66,34 @@ def point_adapter_at(model: nn.Module, base_dir: str | os.PathLike[str]) -> str:
     return path
 
 
+def check_gguf_export(model: nn.Module, tokenizer: Any) -> None:
+    """Raise RecipeError (before any training) when ``--save-gguf`` could not write this model or tokenizer."""
+    from tellneo.export import ExportError, check_exportable
+    from tellneo.recipes.common import RecipeError
+
+    try:
+        check_exportable(model, tokenizer)
+    except ExportError as exc:
+        raise RecipeError(f"--save-gguf: {exc}") from None
+
+
+def source_pre_tokenizer(model_source: str | os.PathLike[str] | None) -> str | None:
+    """llama.cpp's pre-tokenizer name of the model a run started from, when it is a GGUF file (``None`` = the
+    embedded SmolLM2 GGUF); None for an HF directory (the exported file then says ``"default"``)."""
+    from tellneo.export import gguf_pre_tokenizer
+    from tellneo.models import smollm2_gguf
+
+    path = smollm2_gguf() if model_source is None else Path(model_source)
+    return gguf_pre_tokenizer(path) if path.is_file() else None
+
+
 def save_model_outputs(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any, *, mode: str,
-                       save_merged: bool = False, merged_dtype: str = "fp32", save_gguf: bool = False
-                       ) -> dict[str, str]:
+                       save_merged: bool = False, merged_dtype: str = "fp32", save_gguf: bool = False,
+                       model_source: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """Write the adapter (``mode="lora"``) or full model, and on request the merged model and its GGUF file, into
     the run directory ``out``. Returns ``{output: path}`` of what was written. ``model`` is consumed when a merged
-    copy is made."""
+    copy is made. ``model_source`` (the run's ``--teacher`` / ``--model``) gives the GGUF file its pre-tokenizer
+    name (:func:`source_pre_tokenizer`)."""
     from tellneo.recipes.reporting import save_pretrained_atomic
 
     out = Path(out)
@@ -86,5 +108,6 @@ def save_model_outputs(model: nn.Module, out: str | os.PathLike[str], tokenizer:
     if save_gguf:
         from tellneo.export import export_gguf
 
-        written["gguf"] = str(export_gguf(final, tokenizer, out / GGUF_NAME))
+        written["gguf"] = str(export_gguf(final, tokenizer, out / GGUF_NAME,
+                                          pre_tokenizer=source_pre_tokenizer(model_source)))
     return written

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
-from tellneo.recipes.outputs import OUTPUT_OPTIONS, check_output_options
+from tellneo.recipes.outputs import OUTPUT_OPTIONS, check_gguf_export, check_output_options
 from tellneo.recipes.training import (
     CHECKPOINTS,
     METRICS,
@@ -221,6 +221,15 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
 
     Errors as :func:`tellneo.recipes.distill.run_distill`.
     """
+    from tellneo.models import hf_progress_bars
+
+    with hf_progress_bars(progress):  # progress=False also silences transformers' loading/saving bars
+        return _run_tell(cfg, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+              ) -> dict[str, Any]:
+    """The body of :func:`run_tell`."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
     from transformers import set_seed
@@ -261,6 +270,8 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         model, tokenizer = load_causal_lm(cfg.model)
         if getattr(model, "is_quantized", False):
             model = float_copy(model)
+        if cfg.save_gguf:
+            check_gguf_export(model, tokenizer)
         timings["load_model_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -318,7 +329,8 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     timings["eval_after_s"] = time.perf_counter() - t0
     if state.is_main_process:
         written = save_model_outputs(model, out, tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
-                                     merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf)
+                                     merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf,
+                                     model_source=cfg.model)
     timings["total_s"] = time.perf_counter() - t_start
 
     exposure = task_exposure(dataset, trainer.state.global_step, global_batch)

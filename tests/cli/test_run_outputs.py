@@ -11,7 +11,7 @@ import torch
 
 from tellneo.cli import main
 from tests.cli.test_distill_cli import distill_args
-from tests.recipes.helpers import general_jsonl, one_thread, tiny_model_dir  # noqa: F401 (fixtures)
+from tests.recipes.helpers import general_jsonl, one_thread, smollm2_tokenizer, tiny_model_dir  # noqa: F401
 
 
 def _logits(model, ids):
@@ -91,3 +91,48 @@ def test_merged_model_dtype_and_cache(dtype):
     assert {p.dtype for p in merged.parameters()} == {MERGED_DTYPES[dtype]}
     err = ((_logits(merged, ids) - expected).norm() / expected.norm()).item()
     assert err < {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-3}[dtype], err
+
+
+def test_tell_saves_merged_and_gguf_quietly(tmp_path, tiny_model_dir, general_jsonl, capfd):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.cli.test_tell_cli import tell_args
+
+    out = tmp_path / "tell"
+    assert main(tell_args(tiny_model_dir, general_jsonl, out, "--save-merged", "--save-gguf")) == 0
+    err = capfd.readouterr().err
+    for bar in ("Loading weights", "Writing model shards", "it/s]"):  # --quiet: no progress bars at all
+        assert bar not in err, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["outputs"]) == {"adapter", "merged", "gguf"}
+
+    ids = torch.randint(0, 49152, (2, 11), generator=torch.Generator().manual_seed(1))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trained = _logits(PeftModel.from_pretrained(base, out / "adapter").eval(), ids)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert merged.dtype == torch.float32 and merged.config.use_cache is True
+    torch.testing.assert_close(_logits(merged, ids), trained, rtol=1e-4, atol=1e-4)
+    gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(gguf, ids), trained, rtol=1e-4, atol=1e-4)
+    text = "Convert 3 March 2021 to ISO 8601."
+    assert AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(tiny_model_dir)(text)["input_ids"]
+
+
+def test_save_gguf_refuses_an_unsupported_model_before_training(tmp_path, general_jsonl, smollm2_tokenizer,
+                                                                 capsys):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.cli.test_tell_cli import tell_args
+
+    qwen = tmp_path / "qwen"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+                     ).save_pretrained(qwen)
+    smollm2_tokenizer.save_pretrained(qwen)
+    out = tmp_path / "o"
+    assert main(tell_args(qwen, general_jsonl, out, "--save-gguf")) == 2
+    err = capsys.readouterr().err
+    assert "error: --save-gguf: GGUF export supports the Llama architecture" in err and "'qwen2'" in err
+    assert not (out / "metrics.jsonl").exists()
