@@ -63,12 +63,20 @@ def test_student_is_the_teacher_without_the_dropped_layers(tied):
     assert (student.lm_head.weight is student.model.embed_tokens.weight) == tied
 
     # the student computes exactly what the teacher computes with only those layers
+    assert_computes_the_cut_teacher(student, teacher, [0, 2, 4], body=teacher.model, layers="layers",
+                                    attention="self_attn")
+
+
+def assert_computes_the_cut_teacher(student, teacher, kept, *, body, layers, attention):
+    """``student`` gives exactly the logits of a copy of ``teacher`` whose layer list (``body.<layers>``) is cut
+    by hand to ``kept`` (attention caches renumbered)."""
     reference = copy.deepcopy(teacher)
-    reference.model.layers = torch.nn.ModuleList([reference.model.layers[i] for i in (0, 2, 4)])
-    for i, layer in enumerate(reference.model.layers):
-        layer.self_attn.layer_idx = i
-    reference.config.num_hidden_layers = 3
-    ids = torch.randint(0, 251, (2, 17))
+    holder = next(m for m in reference.modules() if type(m) is type(body))
+    setattr(holder, layers, torch.nn.ModuleList([getattr(holder, layers)[i] for i in kept]))
+    for i, layer in enumerate(getattr(holder, layers)):
+        getattr(layer, attention).layer_idx = i
+    reference.config.num_hidden_layers = len(kept)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
@@ -99,14 +107,10 @@ def test_gpt2_style_student():
     assert student.config.n_layer == 3 and len(student.transformer.h) == 3
     assert [block.attn.layer_idx for block in student.transformer.h] == [0, 1, 2]
     assert student.lm_head.weight is student.transformer.wte.weight  # GPT-2 ties its head
-    reference = copy.deepcopy(teacher)
-    reference.transformer.h = torch.nn.ModuleList([reference.transformer.h[i] for i in (1, 3, 4)])
-    for i, block in enumerate(reference.transformer.h):
-        block.attn.layer_idx = i
-    reference.config.n_layer = 3
+    assert_computes_the_cut_teacher(student, teacher, [1, 3, 4], body=teacher.transformer, layers="h",
+                                    attention="attn")
     ids = torch.randint(0, 97, (2, 15))
     with torch.no_grad():
-        torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=0, atol=0)
         cached = student.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
         seq = ids[:1, :4]
         for _ in range(5):
