@@ -40,6 +40,16 @@ def native_cuda_compiled() -> bool:
     return has_native() and bool(native().build_info()["cuda"])
 
 
+def _nvidia_driver_present() -> bool:
+    """Whether the NVIDIA kernel driver is loaded (Linux: /proc/driver/nvidia or /dev/nvidia* device nodes).
+    Without it the CUDA runtime reports "driver version is insufficient", which on a machine with no GPU means
+    only that there is no GPU."""
+    import glob
+    import os
+
+    return os.path.exists("/proc/driver/nvidia/version") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 @functools.lru_cache(maxsize=None)
 def native_cuda_status() -> tuple[bool, str]:
     """(usable, reason): whether the CUDA emit kernels were compiled in and the CUDA runtime starts."""
@@ -48,6 +58,8 @@ def native_cuda_status() -> tuple[bool, str]:
     if not native_cuda_compiled():
         return False, "tellneo._C was built without CUDA (no nvcc at build time, or TELLNEO_CUDA=0)"
     count, error = native().cuda_device_count()
+    if count < 0 and not _nvidia_driver_present():
+        return False, "no GPU (no NVIDIA driver or device on this machine)"
     if count < 0:
         return False, f"the CUDA runtime in tellneo._C cannot start: {error}"
     if count == 0:

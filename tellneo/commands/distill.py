@@ -8,9 +8,11 @@ from pathlib import Path
 from tellneo.commands._config import add_config_flag
 from tellneo.commands._train_flags import (
     add_run_dir_flags,
+    add_save_flags,
     add_train_flags,
     apply_threads,
     recipe_errors,
+    save_options,
     train_settings,
 )
 
@@ -77,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("outputs/distill"), help="run directory")
     add_run_dir_flags(g)
-    g.add_argument("--save-merged", action="store_true", help="also save the student with the adapter merged in")
+    add_save_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flag(p, "distill", _manifest_flags)
     p.set_defaults(run=run)
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             mode=args.mode, preset=args.preset, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, fused_lora=not args.no_fused_lora, alpha=args.alpha,
             temperature=args.temperature, divergence=args.divergence, beta=args.beta,
-            offline_topk=args.offline_topk, eval_batch_size=args.eval_batch_size, save_merged=args.save_merged,
+            offline_topk=args.offline_topk, eval_batch_size=args.eval_batch_size, **save_options(args),
             output_dir=str(args.output_dir), train=train_settings(args, learning_rate=lr),
         )
         apply_threads(args.threads)

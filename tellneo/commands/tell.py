@@ -8,9 +8,11 @@ from pathlib import Path
 from tellneo.commands._config import add_config_flag
 from tellneo.commands._train_flags import (
     add_run_dir_flags,
+    add_save_flags,
     add_train_flags,
     apply_threads,
     recipe_errors,
+    save_options,
     train_settings,
 )
 
@@ -77,6 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("outputs/tell"), help="run directory")
     add_run_dir_flags(g)
+    add_save_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flag(p, "tell", _manifest_flags)
     p.set_defaults(run=run)
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
             general_samples=args.general_samples or None, seq_len=args.seq_len, window=args.window,
             mode=args.mode, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             fused_lora=not args.no_fused_lora, max_new_tokens=args.max_new_tokens,
-            eval_batch_size=args.eval_batch_size, output_dir=str(args.output_dir), train=train_settings(args),
+            eval_batch_size=args.eval_batch_size, **save_options(args), output_dir=str(args.output_dir),
+            train=train_settings(args),
         )
         apply_threads(args.threads)
         summary = run_tell(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,

@@ -22,6 +22,13 @@ from tellneo.data.planning import MAX_SEQ_LEN
 from tellneo.io import file_sha256, lock_run_dir
 from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
 from tellneo.recipes.neo import NEO_PRESET, KDSettings, NeoTrainer, build_student, check_compatible, parse_layers
+from tellneo.recipes.outputs import (
+    OUTPUT_OPTIONS,
+    STUDENT_BASE,
+    check_gguf_export,
+    check_output_options,
+    point_adapter_at,
+)
 from tellneo.recipes.training import (
     CHECKPOINTS,
     METRICS,
@@ -68,7 +75,9 @@ class DistillConfig:
     beta: float = 0.5
     offline_topk: int = 0  # > 0: precompute the teacher's top-k once and train without the teacher
     eval_batch_size: int = 4
-    save_merged: bool = False
+    save_merged: bool = False  # also OUTPUT/merged: the adapter merged in (lora mode)
+    merged_dtype: str = "fp32"  # dtype of merged/ and model.gguf: fp32, bf16 or fp16
+    save_gguf: bool = False  # also OUTPUT/model.gguf (tellneo.export.export_gguf)
     output_dir: str = "outputs/distill"
     train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=24))
 
@@ -101,12 +110,14 @@ class DistillConfig:
             raise RecipeError(f"eval-samples must be positive, got {self.eval_samples}")
         if self.offline_topk < 0:
             raise RecipeError(f"offline-topk must be >= 0, got {self.offline_topk}")
+        check_output_options(self.merged_dtype)
         return lora, kd
 
     def manifest(self) -> dict[str, Any]:
         lora, kd = self.resolved()
         d = asdict(self)
-        d.pop("output_dir")
+        for name in ("output_dir", *OUTPUT_OPTIONS):  # where and what to save does not change the run
+            d.pop(name)
         d["resolved_lora"] = lora.to_dict() if self.mode == "lora" else None
         d["resolved_kd"] = asdict(kd)
         d["data_sha256"] = file_sha256(self.data)  # the file's contents: --resume refuses changed data
@@ -148,6 +159,20 @@ def check_kept(train_in: int, train_kept: int, eval_in: int, eval_kept: int, seq
     return dropped
 
 
+def _save_student_base(cfg: DistillConfig, student: Any, tokenizer: Any, out: Path, *, is_main: bool) -> str:
+    """Save the student the adapter is trained on as a plain HF directory (``OUTPUT/student_base``) and make it
+    the adapter's ``base_model_name_or_path``, so that the adapter loads onto the right layers without the teacher
+    (a student given as an HF directory is named as it is). Returns the absolute path."""
+    from tellneo.recipes.reporting import save_pretrained_atomic
+
+    if cfg.student is not None and Path(cfg.student).is_dir():
+        return point_adapter_at(student, cfg.student)
+    base = out / STUDENT_BASE
+    if is_main:
+        save_pretrained_atomic(student, base, tokenizer)
+    return point_adapter_at(student, base)
+
+
 def _epochs_needed(train: TrainSettings, rows: int, global_batch: int) -> int:
     steps_per_epoch = max(1, rows // global_batch)
     if train.max_steps > 0:
@@ -166,6 +191,15 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     unreadable model), FileExistsError / PermissionError (output directory), KeyboardInterrupt after a Ctrl-C
     (a checkpoint of the last finished step is saved: rerun with ``resume=True``).
     """
+    from tellneo.models import hf_progress_bars
+
+    with hf_progress_bars(progress):  # progress=False also silences transformers' loading/saving bars
+        return _run_distill(cfg, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """The body of :func:`run_distill`."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
     from transformers import set_seed
@@ -180,9 +214,9 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         machine_state,
         markdown_table,
         plot_loss_curve,
-        save_pretrained_atomic,
         write_summary,
     )
+    from tellneo.recipes.outputs import save_model_outputs
     from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
 
     t_start = time.perf_counter()
@@ -209,6 +243,8 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         teacher, tokenizer = load_causal_lm(cfg.teacher)
         stage("building the student" if cfg.student is None else "loading the student")
         student, student_info = _load_student(cfg, teacher, tokenizer)
+        if cfg.save_gguf:
+            check_gguf_export(student, tokenizer)
         timings["load_models_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -267,6 +303,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
 
     set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
     if cfg.mode == "lora":
+        student_info["base"] = _save_student_base(cfg, student, tokenizer, out, is_main=state.is_main_process)
         model = attach_lora(student, lora)
     else:
         model = student.requires_grad_(True)
@@ -288,12 +325,17 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     t0 = time.perf_counter()
     after = evaluate(model, "after", teacher_cache)
     timings["eval_after_s"] = time.perf_counter() - t0
+    if state.is_main_process:  # again, with the held-out points before (step 0) and after training
+        final = trainer.state.global_step
+        plot_loss_curve(metrics, out / "loss_curve.png", title=title, held_out={
+            "held-out ce": [(0, before["ce"]), (final, after["ce"])],
+            "held-out kl": [(0, before["kl"]), (final, after["kl"])]})
 
     if state.is_main_process:
         t0 = time.perf_counter()
-        save_pretrained_atomic(model, out / ("adapter" if cfg.mode == "lora" else "model"), tokenizer)
-        if cfg.save_merged and cfg.mode == "lora":
-            save_pretrained_atomic(model.merge_and_unload(), out / "merged", tokenizer)
+        written = save_model_outputs(model, out, tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
+                                     merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf,
+                                     model_source=cfg.teacher)
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     train_rows = [r for r in metrics if "loss" in r]
@@ -314,6 +356,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
         if train_output is not None else None,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "processes": state.num_processes, "machine_at_start": machine_start, "machine_at_end": machine_state(),
+        "outputs": written if state.is_main_process else {},
     }
     table = markdown_table(
         ["held-out metric", "student before", "student after", "teacher"],
@@ -333,8 +376,8 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
 
 def load_distilled_student(run_dir: str | Path) -> Any:
     """Rebuild the trained student of a ``tellneo distill`` run: the full model (``mode="full"``), or the student
-    base (rebuilt from the teacher and the recorded layers, or loaded from ``student``) with the saved LoRA
-    adapter. Returns the model in eval mode."""
+    base (``student_base/``; in runs older than it, rebuilt from the teacher and the recorded layers, or loaded
+    from ``student``) with the saved LoRA adapter. Returns the model in eval mode."""
     import json
 
     from tellneo.models import load_causal_lm
@@ -346,6 +389,9 @@ def load_distilled_student(run_dir: str | Path) -> Any:
         return model.eval()
     from peft import PeftModel
 
+    if (run / STUDENT_BASE).is_dir():  # runs since the student base is saved beside the adapter
+        base, _ = load_causal_lm(run / STUDENT_BASE)
+        return PeftModel.from_pretrained(base, run / "adapter").eval()
     teacher, _ = load_causal_lm(config["teacher"])
     if config["student"] is None:
         layers, keep = parse_layers(config["layers"])

@@ -1,6 +1,6 @@
 """LLM-NEO: distil a teacher into a smaller student that trains LoRA adapters only, with the fused KD loss.
 
-* :func:`build_student` — a layer-dropped copy of a Llama-family teacher (same tokenizer, embeddings, norms and
+* :func:`build_student` — a layer-dropped copy of a Llama- or GPT-2-family teacher (same tokenizer, embeddings, norms and
   ``lm_head`` copied), and :func:`select_layers` for the layer choice.
 * :func:`check_compatible` — teacher and student must share token ids (a teacher vocab *padded* beyond the
   student's is fine); raises :class:`VocabMismatchError` otherwise.
@@ -126,13 +126,21 @@ def parse_layers(text: str) -> tuple[LayerSpec, int | None]:
     return float(text), None
 
 
-def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+# where decoder layers live: ``.model.layers`` (Llama, Qwen, Mistral, Gemma, Phi, OLMo, ...) or ``.transformer.h``
+# (GPT-2, GPT-J, GPT-Neo, Falcon, Bloom, ...); the body is the model's ``base_model_prefix`` attribute
+LAYER_LISTS = ("layers", "h")
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(state-dict key prefix of the layers, e.g. "model.layers.", the layer list)``."""
     prefix = getattr(model, "base_model_prefix", "model")
     body = getattr(model, prefix, None)
-    layers = getattr(body, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} is not a Llama-family causal LM (no .{prefix}.layers ModuleList)")
-    return body, layers
+    for name in LAYER_LISTS:
+        layers = getattr(body, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return f"{prefix}.{name}.", layers
+    raise TypeError(f"{type(model).__name__} has no decoder layer list build_student knows: supported layouts are "
+                    f".{prefix}.layers (Llama family) and .{prefix}.h (GPT-2 family)")
 
 
 def build_student(
@@ -140,14 +148,15 @@ def build_student(
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """A smaller student: the teacher's class and weights with only the decoder layers :func:`select_layers`
-    picks (renumbered 0..n-1, so ``layer_idx`` of the attention caches is right), and the embeddings, final norm
+    picks (``.model.layers`` of the Llama family or ``.transformer.h`` of the GPT-2 family) (renumbered 0..n-1, so ``layer_idx`` of the attention caches is right), and the embeddings, final norm
     and ``lm_head`` copied (a tied head stays tied). The student is a new model in ``dtype`` (default: the
     teacher's) with ``config.num_hidden_layers`` set and ``config.tellneo_teacher_layers`` recording the kept
     indices; the teacher is not modified. GGUF quantization metadata is not carried over (the copy is trainable).
 
-    Use the teacher's tokenizer with it. Raises TypeError for models without a ``.model.layers`` list.
+    Use the teacher's tokenizer with it. Raises TypeError, naming the supported layouts, for a model with
+    neither layer list.
     """
-    _, teacher_layers = _decoder_layers(teacher)
+    prefix, teacher_layers = _decoder_layers(teacher)
     kept = select_layers(len(teacher_layers), layers, keep=keep)
     config = copy.deepcopy(teacher.config)
     if hasattr(config, "quantization_config"):
@@ -159,7 +168,6 @@ def build_student(
     dtype = dtype or next(teacher.parameters()).dtype
     student = type(teacher)(config).to(dtype)
 
-    prefix = f"{getattr(teacher, 'base_model_prefix', 'model')}.layers."
     new_index = {old: new for new, old in enumerate(kept)}
     state: dict[str, torch.Tensor] = {}
     for key, value in teacher.state_dict().items():
@@ -176,9 +184,9 @@ def build_student(
         student.tie_weights()
     _, student_layers = _decoder_layers(student)
     for i, layer in enumerate(student_layers):  # fresh modules already carry i; make it explicit for custom classes
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = i
+        for module in layer.modules():  # the attention's layer_idx indexes the KV cache
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student.train(teacher.training)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tellneo.io import atomic_save_figure, atomic_write_text, to_json
 
-__all__ = ["StageBar", "fmt", "machine_state", "markdown_table", "plot_loss_curve", "save_pretrained_atomic",
-           "write_summary"]
+__all__ = ["StageBar", "fmt", "loss_figure", "machine_state", "markdown_table", "plot_loss_curve",
+           "save_pretrained_atomic", "write_summary"]
 
 
 class StageBar:
@@ -81,30 +81,51 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str,
-                    keys: Sequence[str] = ("loss", "ce", "kd")) -> Path | None:
-    """Training curves of ``keys`` against the optimizer step from metrics.jsonl records (PNG, written atomically).
-    Returns None when there is nothing to plot."""
+def loss_figure(records: Sequence[dict[str, Any]], *, title: str, keys: Sequence[str] = ("loss", "ce", "kd"),
+                held_out: Mapping[str, Sequence[tuple[int, float]]] | None = None) -> Any:
+    """The matplotlib figure of :func:`plot_loss_curve` (None when there is nothing to plot): training curves of
+    ``keys`` against the optimizer step, held-out points as markers — the ``eval_loss`` records of metrics.jsonl
+    and ``held_out`` (``{label: [(step, value), ...]}``, e.g. the held-out CE before and after training) — and
+    whole-number step ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     series = {k: [(r["step"], r[k]) for r in records if k in r and isinstance(r[k], (int, float))] for k in keys}
     series = {k: v for k, v in series.items() if v}
-    if not series:
+    points = {"held-out loss": [(r["step"], r["eval_loss"]) for r in records
+                                if isinstance(r.get("eval_loss"), (int, float))]}
+    points.update(held_out or {})
+    points = {k: [(step, y) for step, y in xy if math.isfinite(y)] for k, xy in points.items()}
+    points = {k: xy for k, xy in points.items() if xy}
+    if not series and not points:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, points in series.items():
-        xs, ys = zip(*points)
+    for key, xy in series.items():
+        xs, ys = zip(*xy)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+    for marker, (key, xy) in zip("Xsd^v*", points.items()):
+        xs, ys = zip(*xy)
+        ax.scatter(xs, ys, marker=marker, s=40, zorder=3, label=key)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per trained token)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return fig
+
+
+def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str,
+                    keys: Sequence[str] = ("loss", "ce", "kd"),
+                    held_out: Mapping[str, Sequence[tuple[int, float]]] | None = None) -> Path | None:
+    """Training curves of ``keys`` against the optimizer step from metrics.jsonl records, with held-out points
+    (see :func:`loss_figure`), as a PNG written atomically. Returns None when there is nothing to plot."""
+    fig = loss_figure(records, title=title, keys=keys, held_out=held_out)
+    return None if fig is None else atomic_save_figure(fig, path)
 
 
 def write_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any], table: str) -> None:

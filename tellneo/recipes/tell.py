@@ -30,6 +30,7 @@ import numpy as np
 from tellneo.data.planning import MAX_SEQ_LEN
 from tellneo.io import file_sha256, lock_run_dir
 from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
+from tellneo.recipes.outputs import OUTPUT_OPTIONS, check_gguf_export, check_output_options
 from tellneo.recipes.training import (
     CHECKPOINTS,
     METRICS,
@@ -73,6 +74,9 @@ class TellConfig:
     fused_lora: bool = True
     max_new_tokens: int = 16
     eval_batch_size: int = 20
+    save_merged: bool = False  # also OUTPUT/merged: the adapter merged in (lora mode)
+    merged_dtype: str = "fp32"  # dtype of merged/ and model.gguf: fp32, bf16 or fp16
+    save_gguf: bool = False  # also OUTPUT/model.gguf (tellneo.export.export_gguf)
     output_dir: str = "outputs/tell"
     train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=-1, epochs=1.0))
 
@@ -96,6 +100,7 @@ class TellConfig:
             raise RecipeError(f"window must be >= 0, got {self.window}")
         if self.seq_len > MAX_SEQ_LEN:
             raise RecipeError(f"seq-len must be at most {MAX_SEQ_LEN}, got {self.seq_len}")
+        check_output_options(self.merged_dtype)
         try:
             return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                                 patch=self.fused_lora)
@@ -104,7 +109,8 @@ class TellConfig:
 
     def manifest(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("output_dir")
+        for name in ("output_dir", *OUTPUT_OPTIONS):  # where and what to save does not change the run
+            d.pop(name)
         d["anchored"] = self.anchored
         # the files' contents: --resume refuses changed data
         d["data_sha256"] = {k: file_sha256(getattr(self, k)) for k in ("task_file", "test_file", "general")}
@@ -221,6 +227,15 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
 
     Errors as :func:`tellneo.recipes.distill.run_distill`.
     """
+    from tellneo.models import hf_progress_bars
+
+    with hf_progress_bars(progress):  # progress=False also silences transformers' loading/saving bars
+        return _run_tell(cfg, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+              ) -> dict[str, Any]:
+    """The body of :func:`run_tell`."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
     from transformers import set_seed
@@ -235,9 +250,9 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         machine_state,
         markdown_table,
         plot_loss_curve,
-        save_pretrained_atomic,
         write_summary,
     )
+    from tellneo.recipes.outputs import save_model_outputs
     from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
 
     t_start = time.perf_counter()
@@ -264,6 +279,8 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         model, tokenizer = load_causal_lm(cfg.model)
         if getattr(model, "is_quantized", False):
             model = float_copy(model)
+        if cfg.save_gguf:
+            check_gguf_export(model, tokenizer)
         timings["load_model_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -325,7 +342,9 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     after = accuracy(model, "after")
     timings["eval_after_s"] = time.perf_counter() - t0
     if state.is_main_process:
-        save_pretrained_atomic(model, out / ("adapter" if cfg.mode == "lora" else "model"), tokenizer)
+        written = save_model_outputs(model, out, tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
+                                     merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf,
+                                     model_source=cfg.model)
     timings["total_s"] = time.perf_counter() - t_start
 
     exposure = task_exposure(dataset, trainer.state.global_step, global_batch)
@@ -349,6 +368,7 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
         if train_output is not None else None,
         "timings": {k: round(v, 2) for k, v in timings.items()}, "processes": state.num_processes,
         "machine_at_start": machine_start, "machine_at_end": machine_state(),
+        "outputs": written if state.is_main_process else {},
     }
     table = markdown_table(
         ["held-out task metric", "before", "after"],

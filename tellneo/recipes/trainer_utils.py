@@ -34,6 +34,27 @@ from tellneo.recipes.common import RecipeError
 logger = logging.getLogger("tellneo")
 
 CHECKPOINT_PREFIX = "checkpoint"
+WARMUP_RATIO_ATTR = "tellneo_warmup_ratio"  # set on TrainingArguments by TrainSettings.training_arguments
+
+
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """Integer warm-up steps for a warm-up ``ratio`` of ``total_steps``: ``floor(ratio * total_steps)``, at most
+    ``total_steps - 1``, so that at least one optimizer step runs at the peak learning rate (4 steps at ratio 0.1:
+    no warm-up; 24 steps: 2)."""
+    return max(0, min(int(ratio * total_steps), total_steps - 1))
+
+
+def _warm_from_step_one(scheduler: Any, warmup: int) -> None:
+    """Shift a ``LambdaLR`` warm-up by one step: step k (1-based) of a ``warmup``-step linear warm-up runs at
+    ``k / warmup`` of the peak instead of ``(k - 1) / warmup``, so the first step is never a step at lr 0 and the
+    peak is reached at step ``warmup``; the schedule after the warm-up is unchanged."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if warmup <= 0 or not lambdas:
+        return
+    scheduler.lr_lambdas = [lambda step, f=f: f(step + 1) if step < warmup else f(step) for f in lambdas]
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * f(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 # transformers >= 5 computes the gradient norm in Trainer._get_grad_norm (before the optimizer step): the loss and
 # the norm are checked there, once per optimizer step. Older versions only let us check the loss per micro-batch.
@@ -56,6 +77,17 @@ class RecipeTrainerMixin:
     """
 
     _step_loss: torch.Tensor | None = None
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """With a warm-up ratio from :class:`tellneo.recipes.training.TrainSettings`: integer warm-up steps
+        (:func:`warmup_steps`) and a warm-up whose first step already has lr > 0. Otherwise the Trainer's own."""
+        ratio = getattr(self.args, WARMUP_RATIO_ATTR, None)
+        if ratio is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)  # type: ignore[misc]
+        self.args.warmup_steps = warmup_steps(ratio, num_training_steps)
+        scheduler = super().create_scheduler(num_training_steps, optimizer)  # type: ignore[misc]
+        _warm_from_step_one(scheduler, self.args.warmup_steps)
+        return scheduler
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset

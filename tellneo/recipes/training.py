@@ -20,7 +20,8 @@ import torch
 
 from tellneo.io import lock_run_dir, prepare_run_dir, remove_outputs
 from tellneo.recipes.common import RecipeError
-from tellneo.recipes.trainer_utils import clean_staging, last_checkpoint
+from tellneo.recipes.outputs import GGUF_NAME, STUDENT_BASE
+from tellneo.recipes.trainer_utils import WARMUP_RATIO_ATTR, clean_staging, last_checkpoint
 
 logger = logging.getLogger("tellneo")
 
@@ -31,9 +32,9 @@ METRICS = "metrics.jsonl"
 TOPK = "teacher_topk"
 # Everything a run writes into its directory besides the manifest: cleared before a fresh start writes its
 # manifest, so an interrupted --overwrite never leaves the new manifest beside the old run's results.
-RUN_OUTPUTS = (CHECKPOINTS, METRICS, TOPK, "summary.json", "summary.md", "loss_curve.png", "adapter", "model",
-               "merged", ".staging-adapter", ".staging-model", ".staging-merged", ".old-adapter", ".old-model",
-               ".old-merged")
+_SAVED_DIRS = ("adapter", "model", "merged", STUDENT_BASE)
+RUN_OUTPUTS = (CHECKPOINTS, METRICS, TOPK, "summary.json", "summary.md", "loss_curve.png", GGUF_NAME, *_SAVED_DIRS,
+               *(f".staging-{d}" for d in _SAVED_DIRS), *(f".old-{d}" for d in _SAVED_DIRS))
 MAX_THREADS_PER_CORE = 4
 
 
@@ -43,7 +44,9 @@ class TrainSettings:
 
     ``batch_size`` is per device (rows of ``seq_len`` tokens); the global batch is
     ``batch_size * grad_accum * world_size``. ``max_steps > 0`` overrides ``epochs``. ``warmup_ratio`` is a
-    fraction of the total optimizer steps.
+    fraction of the total optimizer steps, turned into whole steps by
+    :func:`tellneo.recipes.trainer_utils.warmup_steps` (rounded down, always leaving a step at the peak learning
+    rate) with a linear warm-up whose first step already has lr > 0.
     """
 
     batch_size: int = 2
@@ -101,7 +104,7 @@ class TrainSettings:
             num_train_epochs=self.epochs,
             learning_rate=self.learning_rate,
             lr_scheduler_type=self.lr_scheduler,
-            warmup_steps=self.warmup_ratio,
+            warmup_steps=0,  # integer steps from warmup_ratio once the total is known (RecipeTrainerMixin)
             weight_decay=self.weight_decay,
             max_grad_norm=self.max_grad_norm,
             seed=self.seed,
@@ -123,7 +126,10 @@ class TrainSettings:
         kwargs[prefix] = self.gradient_checkpointing
         kwargs[f"{prefix}_kwargs"] = {"use_reentrant": False} if self.gradient_checkpointing else None
         kwargs.update(overrides)
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
+        if "warmup_steps" not in overrides:
+            setattr(args, WARMUP_RATIO_ATTR, self.warmup_ratio)
+        return args
 
 
 def check_report_to(report_to: str | list[str]) -> list[str]:

@@ -63,12 +63,20 @@ def test_student_is_the_teacher_without_the_dropped_layers(tied):
     assert (student.lm_head.weight is student.model.embed_tokens.weight) == tied
 
     # the student computes exactly what the teacher computes with only those layers
+    assert_computes_the_cut_teacher(student, teacher, [0, 2, 4], body=teacher.model, layers="layers",
+                                    attention="self_attn")
+
+
+def assert_computes_the_cut_teacher(student, teacher, kept, *, body, layers, attention):
+    """``student`` gives exactly the logits of a copy of ``teacher`` whose layer list (``body.<layers>``) is cut
+    by hand to ``kept`` (attention caches renumbered)."""
     reference = copy.deepcopy(teacher)
-    reference.model.layers = torch.nn.ModuleList([reference.model.layers[i] for i in (0, 2, 4)])
-    for i, layer in enumerate(reference.model.layers):
-        layer.self_attn.layer_idx = i
-    reference.config.num_hidden_layers = 3
-    ids = torch.randint(0, 251, (2, 17))
+    holder = next(m for m in reference.modules() if type(m) is type(body))
+    setattr(holder, layers, torch.nn.ModuleList([getattr(holder, layers)[i] for i in kept]))
+    for i, layer in enumerate(getattr(holder, layers)):
+        getattr(layer, attention).layer_idx = i
+    reference.config.num_hidden_layers = len(kept)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
@@ -85,9 +93,29 @@ def test_student_kv_cache_generation_matches_full_recompute():
     assert torch.equal(cached, seq)
 
 
-def test_build_student_rejects_non_llama():
-    with pytest.raises(TypeError, match="not a Llama-family"):
+def test_build_student_rejects_unknown_layouts():
+    with pytest.raises(TypeError, match=r"supported layouts are \.model\.layers \(Llama family\) and \.model\.h"):
         build_student(torch.nn.Linear(2, 2))
+
+
+def test_gpt2_style_student():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=5, n_head=4)).eval()
+    student = build_student(teacher, [1, 3, 4])
+    assert student.config.n_layer == 3 and len(student.transformer.h) == 3
+    assert [block.attn.layer_idx for block in student.transformer.h] == [0, 1, 2]
+    assert student.lm_head.weight is student.transformer.wte.weight  # GPT-2 ties its head
+    assert_computes_the_cut_teacher(student, teacher, [1, 3, 4], body=teacher.transformer, layers="h",
+                                    attention="attn")
+    ids = torch.randint(0, 97, (2, 15))
+    with torch.no_grad():
+        cached = student.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+        seq = ids[:1, :4]
+        for _ in range(5):
+            seq = torch.cat([seq, student(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq)
 
 
 class _Tok:
