@@ -29,8 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "KD op (no [tokens, vocab] logits). With no arguments: teacher = the embedded "
                     "SmolLM2-135M-Instruct, student = every other layer (15 of 30), general data = instruction "
                     "pairs built from Python's own documentation; a few minutes on 2 CPU cores. Writes "
-                    "metrics.jsonl, loss_curve.png, summary.md/json, checkpoints and the adapter into "
-                    "--output-dir and prints the student's held-out loss and teacher agreement before/after.",
+                    "metrics.jsonl, loss_curve.png, summary.md/json, checkpoints, the adapter and the student it "
+                    "belongs to (student_base/, loadable with AutoPeftModelForCausalLM) into --output-dir and "
+                    "prints the student's held-out loss and teacher agreement before/after.",
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("models")
@@ -126,6 +127,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores ({m0['busy_cores']} busy "
           f"with other work at the start), load average "
           f"{m0['load_avg_1min']} at the start and {m1['load_avg_1min']} at the end")
-    print(f"wrote {args.output_dir}/summary.md, summary.json, metrics.jsonl, loss_curve.png and the "
-          f"{'adapter' if args.mode == 'lora' else 'model'}")
+    print(f"wrote {args.output_dir}/summary.md, summary.json, metrics.jsonl, loss_curve.png, "
+          + ", ".join(f"{Path(p).name}{'' if p.endswith('.gguf') else '/'}" for p in summary["outputs"].values()))
     return 0

@@ -131,6 +131,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores ({m0['busy_cores']} busy "
           f"with other work at the start), load average "
           f"{m0['load_avg_1min']} at the start and {m1['load_avg_1min']} at the end")
-    print(f"wrote {args.output_dir}/summary.md, summary.json, metrics.jsonl, loss_curve.png and the "
-          f"{'adapter' if args.mode == 'lora' else 'model'}")
+    print(f"wrote {args.output_dir}/summary.md, summary.json, metrics.jsonl, loss_curve.png, "
+          + ", ".join(f"{Path(p).name}{'' if p.endswith('.gguf') else '/'}" for p in summary["outputs"].values()))
     return 0

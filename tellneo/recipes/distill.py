@@ -194,11 +194,11 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     from tellneo.models import hf_progress_bars
 
     with hf_progress_bars(progress):  # progress=False also silences transformers' loading/saving bars
-        return _run_distill(cfg, resume=resume, overwrite=overwrite, progress=progress)
+        return _run_distill(cfg, resume=resume, overwrite=overwrite, progress=progress, report_to=report_to)
 
 
-def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
+def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 report_to: str | list[str] = "none") -> dict[str, Any]:
     """The body of :func:`run_distill`."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -336,6 +336,8 @@ def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = 
         written = save_model_outputs(model, out, tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
                                      merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf,
                                      model_source=cfg.teacher)
+        if student_info.get("base") == str((out / STUDENT_BASE).resolve()):
+            written[STUDENT_BASE] = student_info["base"]
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     train_rows = [r for r in metrics if "loss" in r]

@@ -230,11 +230,11 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
     from tellneo.models import hf_progress_bars
 
     with hf_progress_bars(progress):  # progress=False also silences transformers' loading/saving bars
-        return _run_tell(cfg, resume=resume, overwrite=overwrite, progress=progress)
+        return _run_tell(cfg, resume=resume, overwrite=overwrite, progress=progress, report_to=report_to)
 
 
-def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
-              ) -> dict[str, Any]:
+def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+              report_to: str | list[str] = "none") -> dict[str, Any]:
     """The body of :func:`run_tell`."""
     from accelerate import PartialState
     from tqdm.auto import tqdm

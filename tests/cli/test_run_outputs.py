@@ -19,7 +19,7 @@ def _logits(model, ids):
         return model(ids).logits.float()
 
 
-def test_distilled_adapter_reloads_onto_its_student_base(tmp_path, tiny_model_dir, general_jsonl):
+def test_distilled_adapter_reloads_onto_its_student_base(tmp_path, tiny_model_dir, general_jsonl, capsys):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -28,11 +28,12 @@ def test_distilled_adapter_reloads_onto_its_student_base(tmp_path, tiny_model_di
 
     out = tmp_path / "run"
     assert main(distill_args(tiny_model_dir, general_jsonl, out, "--save-merged", "--merged-dtype", "bf16")) == 0
+    assert "loss_curve.png, adapter/, merged/, student_base/" in capsys.readouterr().out
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str((out / "student_base").resolve())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["student"]["base"] == adapter_config["base_model_name_or_path"]
-    assert set(summary["outputs"]) == {"adapter", "merged"}
+    assert set(summary["outputs"]) == {"adapter", "merged", "student_base"}
 
     ids = torch.randint(0, 49152, (2, 11), generator=torch.Generator().manual_seed(0))
     # the trained model, rebuilt the old way: the teacher's kept layers [0, 2] plus the adapter
@@ -101,7 +102,9 @@ def test_tell_saves_merged_and_gguf_quietly(tmp_path, tiny_model_dir, general_js
 
     out = tmp_path / "tell"
     assert main(tell_args(tiny_model_dir, general_jsonl, out, "--save-merged", "--save-gguf")) == 0
-    err = capfd.readouterr().err
+    captured = capfd.readouterr()
+    assert "loss_curve.png, adapter/, merged/, model.gguf" in captured.out
+    err = captured.err
     for bar in ("Loading weights", "Writing model shards", "it/s]"):  # --quiet: no progress bars at all
         assert bar not in err, err
     summary = json.loads((out / "summary.json").read_text())
