@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tellneo.ops import fused_linear_kd
+from tellneo.recipes.head import fused_head_loss, head_transform, read_head
 
-__all__ = ["CausalLMPatch", "HeadSpec", "fused_head_loss", "is_patched", "patch_causal_lm", "read_head"]
+__all__ = ["CausalLMPatch", "is_patched", "patch_causal_lm"]
 
 logger = logging.getLogger("tellneo")
 
@@ -47,84 +46,6 @@ _MARK = "_tellneo_causal_lm_patch"  # instance attribute holding the patch state
 # forward arguments that only the loss consumes (never passed to the model's own forward on the fused path)
 _LOSS_ONLY = ("labels", "shift_labels", "num_items_in_batch", "ignore_index")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """What the fused loss needs of a model's output head: ``weight [V, H]``, ``bias [V] | None`` and the
-    final-logit transform the model applies after the head (``logit_scale`` multiplies, then ``softcap`` c gives
-    ``c * tanh(z / c)``)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-
-def read_head(model: nn.Module) -> HeadSpec:
-    """The output head of a causal LM (through PEFT / DDP wrappers) and its final-logit transform, read from the
-    config: Gemma-2/3 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite ``logits_scaling`` (divides).
-
-    The one place this module reads a head; a model-family-wide helper can replace it.
-    """
-    from tellneo.recipes.common import _transformers_model, output_head
-
-    weight, bias = output_head(model)
-    config = _transformers_model(model).config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:
-        scale = float(config.logit_scale)
-    elif getattr(config, "logits_scaling", None) is not None:
-        scale = 1.0 / float(config.logits_scaling)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return HeadSpec(weight, bias, scale, float(softcap) if softcap else None)
-
-
-def fused_head_loss(
-    student_hidden: torch.Tensor,
-    labels: torch.Tensor | None,
-    student: HeadSpec,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher: HeadSpec | None = None,
-    *,
-    num_items_in_batch: Any = None,
-    ignore_index: int = -100,
-    **kd: Any,
-) -> Any:
-    """:func:`tellneo.ops.fused_linear_kd` on already aligned rows, with the autocast handling of a plain
-    ``lm_head``: under ``torch.autocast`` hidden states and head weights are cast to the autocast dtype and the op
-    runs with autocast off (it accumulates in fp32 itself).
-
-    ``student_hidden`` ``[N, Hs]``, ``labels`` ``[N]`` (already shifted) or None (every row a KD token),
-    ``teacher_hidden`` ``[N, Ht]`` or None;
-    ``kd``: the op's loss options (``alpha``, ``divergence``, ``beta``, ``temperature``, ``t2_scale``,
-    ``backend``, ``return_parts``). Student and teacher must share the final-logit transform (the op takes one).
-    Returns what the op returns (``reduction="mean"``).
-    """
-    scale, softcap = student.logit_scale, student.softcap
-    if teacher is not None and (teacher.logit_scale, teacher.softcap) != (scale, softcap):
-        raise ValueError(
-            f"teacher and student apply different final-logit transforms (logit_scale {teacher.logit_scale} vs "
-            f"{scale}, softcap {teacher.softcap} vs {softcap}); the fused loss takes one for both")
-    device = student_hidden.device.type
-    cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-    def to(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None or like is None:
-            return t
-        return t.to(cast or like.dtype)
-
-    tw = teacher.weight if teacher is not None else None
-    with torch.autocast(device, enabled=False):
-        return fused_linear_kd(
-            to(student_hidden, student.weight), to(student.weight, student.weight),
-            to(teacher_hidden, tw), to(tw, tw), labels,
-            student_bias=to(student.bias, student.weight),
-            teacher_bias=to(teacher.bias if teacher is not None else None, tw),
-            ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, softcap=softcap, logit_scale=scale,
-            reduction="mean", **kd,
-        )
 
 
 def _target(model: nn.Module) -> nn.Module:
@@ -187,9 +108,10 @@ def _fused_forward(lm: nn.Module, state: dict[str, Any], kwargs: dict[str, Any])
     if teacher is not None and kd.alpha > 0:
         teacher_inputs = {k: model_kwargs[k] for k in _MODEL_INPUTS if model_kwargs.get(k) is not None}
         teacher_rows = teacher_hidden_state(teacher, teacher_inputs)[valid]
-        teacher_spec = read_head(teacher)
+        teacher_spec = read_head(teacher, state["teacher_transform"])
     parts = fused_head_loss(
-        hidden[valid], aligned[valid], read_head(lm), teacher_rows, teacher_spec, num_items_in_batch=num_items,
+        hidden[valid], aligned[valid], read_head(lm, state["transform"]), teacher_rows, teacher_spec,
+        num_items_in_batch=num_items,
         ignore_index=ignore_index, alpha=kd.alpha if teacher is not None else 0.0, divergence=kd.divergence,
         beta=kd.beta, temperature=kd.temperature, t2_scale=kd.t2_scale, backend=state["backend"],
         return_parts=True,
@@ -289,7 +211,9 @@ def patch_causal_lm(model: nn.Module, *, teacher: nn.Module | None = None, kd: A
             only used with a teacher. Its ``backend`` is ignored in favour of ``backend``.
         backend: :func:`tellneo.ops.fused_linear_kd` backend (``auto``: Triton on CUDA, chunked torch on CPU).
 
-    Raises TypeError for a model without a decoder body, an output head or ``logits_to_keep``.
+    Raises TypeError for a model without a decoder body, an output head or ``logits_to_keep``, and
+    :class:`tellneo.recipes.head.UnsupportedHeadError` for a head that is not a plain Linear with a known
+    final-logit transform (each model's own transform is applied: student and teacher may differ).
 
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -310,15 +234,17 @@ def patch_causal_lm(model: nn.Module, *, teacher: nn.Module | None = None, kd: A
 
     lm = _target(model)
     kd = kd if kd is not None else KDSettings()
+    transforms = {"transform": head_transform(lm),  # read (and an unsupported head refused) once, here
+                  "teacher_transform": head_transform(teacher) if teacher is not None else None}
     if teacher is not None:
         teacher.eval().requires_grad_(False)
         check_compatible(teacher, lm)
     existing = vars(lm).get(_MARK)
     if existing is not None:
-        existing.update(teacher=teacher, kd=kd, backend=backend)
+        existing.update(teacher=teacher, kd=kd, backend=backend, **transforms)
         return CausalLMPatch(lm)
     state = {"original": lm.forward, "instance_forward": vars(lm).get("forward"), "teacher": teacher, "kd": kd,
-             "backend": backend, "last_parts": None}
+             "backend": backend, "last_parts": None, **transforms}
     setattr(lm, _MARK, state)
     lm.forward = _PatchedForward(lm)
     return CausalLMPatch(lm)

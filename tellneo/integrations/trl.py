@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tellneo.integrations.transformers import fused_head_loss, read_head
 from tellneo.recipes.common import last_hidden_state, teacher_hidden_state
+from tellneo.recipes.head import fused_head_loss, read_head
 
 try:  # TRL >= 0.2x moved GKD to trl.experimental
     from trl.experimental.gkd import GKDTrainer

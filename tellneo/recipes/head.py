@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tellneo.ops import fused_linear_kd
 from tellneo.ops.divergences import transform_logits
 from tellneo.recipes.common import RecipeError, _transformers_model, output_head
 
-__all__ = ["HeadTransform", "OutputHead", "UnsupportedHeadError", "head_logits", "head_transform",
-           "kd_transform_kwargs", "read_head"]
+__all__ = ["HeadTransform", "OutputHead", "UnsupportedHeadError", "fused_head_loss", "head_logits",
+           "head_transform", "kd_transform_kwargs", "read_head"]
 
 
 class UnsupportedHeadError(RecipeError):
@@ -217,3 +218,39 @@ def kd_transform_kwargs(student: HeadTransform, teacher: HeadTransform | None = 
     if teacher is not None:
         kwargs.update(teacher_softcap=teacher.softcap, teacher_logit_scale=teacher.logit_scale)
     return kwargs
+
+
+def fused_head_loss(
+    student_hidden: torch.Tensor,
+    labels: torch.Tensor | None,
+    student: OutputHead,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher: OutputHead | None = None,
+    **op_kwargs: Any,
+) -> Any:
+    """:func:`tellneo.ops.fused_linear_kd` through the models' own heads, on already aligned rows.
+
+    ``student_hidden`` ``[N, Hs]``, ``labels`` ``[N]`` (already shifted) or None, ``teacher_hidden`` ``[N, Ht]``
+    or None (``teacher_topk=`` may come in ``op_kwargs`` instead). Each model's final-logit transform is its own
+    (:func:`kd_transform_kwargs`). Autocast as a plain ``lm_head`` under ``torch.autocast``: hidden states and head
+    weights are cast to the autocast dtype and the op runs with autocast off (it accumulates in fp32 itself).
+    ``op_kwargs``: the op's other options (``alpha``, ``divergence``, ``num_items_in_batch``, ``return_parts``,
+    ``backend``, ...); ``reduction`` defaults to ``"mean"``.
+    """
+    device = student_hidden.device.type
+    cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+    def to(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or like is None else t.to(cast or like.dtype)
+
+    tw = teacher.weight if teacher is not None else None
+    op_kwargs.setdefault("reduction", "mean")
+    with torch.autocast(device, enabled=False):
+        return fused_linear_kd(
+            to(student_hidden, student.weight), to(student.weight, student.weight),
+            to(teacher_hidden, tw), to(tw, tw), labels,
+            student_bias=to(student.bias, student.weight),
+            teacher_bias=to(teacher.bias if teacher is not None else None, tw),
+            **kd_transform_kwargs(student.transform, teacher.transform if teacher is not None else None),
+            **op_kwargs,
+        )

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from tellneo.ops import fused_linear_kd
 from tellneo.recipes.common import (
     LoraSettings,
     RecipeError,
@@ -50,7 +49,7 @@ from tellneo.recipes.common import (
     output_head,
     teacher_hidden_state,
 )
-from tellneo.recipes.head import head_transform, kd_transform_kwargs, read_head
+from tellneo.recipes.head import OutputHead, fused_head_loss, head_transform, read_head
 from tellneo.recipes.trainer_utils import RecipeTrainerMixin
 
 logger = logging.getLogger("tellneo")
@@ -289,10 +288,6 @@ NEO_PRESET = NeoPreset(
 
 
 # ------------------------------------------------------------------------------------------------- trainer
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 class NeoTrainer(RecipeTrainerMixin, Trainer):
     """``transformers.Trainer`` for NEO distillation (and for CE-only / full-parameter arms of the same loop).
 
@@ -352,14 +347,13 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
         student_hidden = last_hidden_state(model, model_inputs)
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
 
-        teacher_hidden = teacher_weight = teacher_bias = topk = None
+        teacher_hidden = teacher_head = topk = None
         if self.kd.alpha > 0:
             if TOPK_IDS in inputs:
                 topk = (inputs[TOPK_IDS], inputs[TOPK_LOGPROBS])
             elif self.teacher is not None:
                 teacher_hidden = teacher_hidden_state(self.teacher, model_inputs)
-                head = read_head(self.teacher, self._teacher_transform)
-                teacher_weight, teacher_bias = head.weight, head.bias
+                teacher_head = read_head(self.teacher, self._teacher_transform)
             else:
                 raise ValueError("NeoTrainer: kd.alpha > 0 needs a teacher model or batches with teacher top-k "
                                  f"({TOPK_IDS}, {TOPK_LOGPROBS}); use alpha=0 for CE only")
@@ -371,8 +365,7 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
             teacher_hidden = teacher_hidden[valid]
         if topk is not None:
             topk = (topk[0][valid], topk[1][valid])
-        out = self._fused_loss(model, student_hidden, shifted, teacher_hidden, teacher_weight, teacher_bias, topk,
-                               num_items_in_batch)
+        out = self._fused_loss(model, student_hidden, shifted, teacher_hidden, teacher_head, topk, num_items_in_batch)
         loss = out.loss
         scale = 1.0
         if num_items_in_batch is not None and self.args.average_tokens_across_devices and \
@@ -388,29 +381,14 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
         return loss
 
     def _fused_loss(self, model: nn.Module, student_hidden: torch.Tensor, labels: torch.Tensor,
-                    teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None,
-                    teacher_bias: torch.Tensor | None, topk: tuple[torch.Tensor, torch.Tensor] | None,
-                    num_items_in_batch: Any) -> Any:
-        head = read_head(model, self._student_transform)
-        student_weight, student_bias = head.weight, head.bias
-        teacher_transform = self._teacher_transform if teacher_weight is not None else None
-        cast = _autocast_dtype(student_hidden.device.type)
-        s_dtype = cast or student_weight.dtype
-        t_dtype = cast or (teacher_weight.dtype if teacher_weight is not None else None)
-
-        def to(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-            return t if t is None or dtype is None else t.to(dtype)
-
-        with torch.autocast(student_hidden.device.type, enabled=False):
-            return fused_linear_kd(
-                to(student_hidden, s_dtype), to(student_weight, s_dtype),
-                to(teacher_hidden, t_dtype), to(teacher_weight, t_dtype), labels,
-                student_bias=to(student_bias, s_dtype), teacher_bias=to(teacher_bias, t_dtype),
-                teacher_topk=topk, divergence=self.kd.divergence, beta=self.kd.beta,
-                temperature=self.kd.temperature, t2_scale=self.kd.t2_scale, alpha=self.kd.alpha,
-                num_items_in_batch=num_items_in_batch, reduction="mean", return_parts=True,
-                backend=self.kd.backend, **kd_transform_kwargs(self._student_transform, teacher_transform),
-            )
+                    teacher_hidden: torch.Tensor | None, teacher_head: OutputHead | None,
+                    topk: tuple[torch.Tensor, torch.Tensor] | None, num_items_in_batch: Any) -> Any:
+        return fused_head_loss(
+            student_hidden, labels, read_head(model, self._student_transform), teacher_hidden, teacher_head,
+            teacher_topk=topk, divergence=self.kd.divergence, beta=self.kd.beta, temperature=self.kd.temperature,
+            t2_scale=self.kd.t2_scale, alpha=self.kd.alpha, num_items_in_batch=num_items_in_batch,
+            return_parts=True, backend=self.kd.backend,
+        )
 
     # -- logging of the parts -------------------------------------------------------------------------------------
     def _track_parts(self, ce: torch.Tensor, kd: torch.Tensor, scale: float, per_micro_batch_mean: bool) -> None:
