@@ -88,21 +88,19 @@ def apply_threads(requested: int) -> int:
     """Set torch's CPU thread count (``requested`` > 0, or auto for 0: :func:`tellneo._cpu.auto_threads`) and
     return it."""
     import logging
-    import os
 
     import torch
 
+    from tellneo._cpu import allowed_cores, auto_threads
     from tellneo.recipes.training import MAX_THREADS_PER_CORE
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(allowed_cores())
     if not 0 <= requested <= MAX_THREADS_PER_CORE * cores:
         from tellneo.cli import UserError
 
         raise UserError(f"--threads must be in [0, {MAX_THREADS_PER_CORE * cores}] ({MAX_THREADS_PER_CORE} per CPU "
                         f"core, {cores} cores here), got {requested}")
     if requested == 0:
-        from tellneo._cpu import auto_threads
-
         requested, busy = auto_threads(torch.get_num_threads())
         logging.getLogger("tellneo").debug(f"--threads 0: {requested} thread(s); other work keeps {busy} cores busy")
     torch.set_num_threads(requested)
