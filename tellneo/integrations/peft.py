@@ -6,8 +6,16 @@
 exactly:
 
 * a plain ``nn.Linear`` base layer (no quantised/hooked/overridden base), not ``fan_in_fan_out``;
-* vanilla LoRA for its adapters: no DoRA or other PEFT variant, no ``lora_bias``;
+* vanilla LoRA for its adapters: no DoRA or other PEFT variant (``layer.lora_variant``), no ``lora_bias``,
+  a plain number as ``layer.scaling[adapter]``;
 * ``lora_dropout`` is ``nn.Dropout`` or ``nn.Identity``.
+
+LoRA options that are vanilla LoRA at forward time are fused and give PEFT's result: rsLoRA (``use_rslora=True``
+only sets ``scaling[adapter] = alpha / sqrt(r)``; the fused op is given the layer's ``scaling`` on every call,
+never a recomputed ``alpha / r``), ``rank_pattern`` / ``alpha_pattern``, and the initialisations (PiSSA,
+``pissa_niter_N``, OLoRA, Gaussian, ...), which only change the initial adapter and base weights that the op reads
+from the layer. DoRA layers, and any other PEFT LoRA variant, are left on PEFT's forward and listed with the
+reason in ``report.skipped`` (``report.not_fused()`` adds the per-call fallbacks below).
 
 Per call, the patched forward still falls back to PEFT's own forward (exactly PEFT's result) whenever the
 layer's state is outside what the op computes: adapters disabled or merged, not exactly one active adapter,
@@ -61,6 +69,20 @@ class PatchReport:
     def fell_back(self) -> dict[str, str]:
         """Layers whose first forward ran PEFT's forward instead of the fused op, with the reason."""
         return {name: reason for name, reason in self.first_forward.items() if reason is not None}
+
+    def not_fused(self) -> dict[str, str]:
+        """Every LoRA layer known to run PEFT's forward, with the reason: the layers left alone at patch time
+        (``skipped``, e.g. DoRA adapters) and the patched layers whose first forward fell back (``fell_back()``)."""
+        return {**self.skipped, **self.fell_back()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready counts for run summaries: ``patched``, ``not_fused`` (layer count) and ``not_fused_reasons``
+        (reason -> layer count), ``autocast_only`` (layer count), ``backend``."""
+        reasons: dict[str, int] = {}
+        for reason in self.not_fused().values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return {"backend": self.backend, "patched": len(self.patched), "not_fused": len(self.not_fused()),
+                "not_fused_reasons": reasons, "autocast_only": len(self.autocast_only)}
 
     def summary(self) -> str:
         lines = [f"tellneo.peft.patch: {len(self.patched)} LoRA linear layer(s) patched (backend={self.backend})"]
@@ -117,13 +139,24 @@ def _static_reason(module: nn.Module) -> str | None:
 
 
 def _adapter_reason(module: nn.Module, adapter: str) -> str | None:
-    if module.use_dora.get(adapter, False) or adapter in getattr(module, "lora_variant", {}):
-        return f"adapter {adapter!r} uses DoRA or another LoRA variant"
+    """Why ``adapter`` of this layer is not plain LoRA (None if it is). rsLoRA and the initialisations (PiSSA,
+    OLoRA, LoftQ, ...) are plain LoRA at forward time: they change only ``scaling[adapter]`` (read per call) and the
+    initial weights (read from the layer), so they are fused."""
+    if module.use_dora.get(adapter, False):
+        return f"adapter {adapter!r} uses DoRA (magnitude-normalised weight, not computed by the fused op)"
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        name = variant.__name__ if isinstance(variant, type) else type(variant).__name__
+        return f"adapter {adapter!r} uses the LoRA variant {name} (not computed by the fused op)"
     if getattr(module, "lora_bias", {}).get(adapter, False):
         return f"adapter {adapter!r} has lora_bias=True"
     lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None:
-        return f"adapter {adapter!r} has non-standard lora_A/lora_B modules"
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None \
+            or lora_b.bias is not None:
+        return f"adapter {adapter!r} has non-standard lora_A/lora_B modules (a bias or a subclass)"
+    scaling = module.scaling.get(adapter)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        return f"adapter {adapter!r} scaling is {type(scaling).__name__}, not a number"
     drop = module.lora_dropout[adapter]
     if type(drop) not in (nn.Dropout, nn.Identity):
         return f"adapter {adapter!r} dropout is {type(drop).__name__}, not nn.Dropout/nn.Identity"
