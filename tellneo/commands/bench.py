@@ -33,7 +33,7 @@ def default_suites(root: Path) -> list[str]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from tellneo.cli import HelpFormatter
+    from tellneo.commands._common import HelpFormatter
 
     p = sub.add_parser(
         "bench",
@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tellneo.cli import UserError
+    from tellneo.commands._common import UserError
 
     root = _checkout_root(Path.cwd())
     if root is None:
