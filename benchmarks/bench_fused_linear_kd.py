@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import RESULTS
+
 SUITE = "fused_linear_kd"
 CPU_CASES = [
     # (case, N, Hs, Ht, V)
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for b in dict.fromkeys(r.extra["baseline_for_case"] for r in rows):  # CE-only cases have their own baseline
         records += add_ratios([x for x in rows if x.extra["baseline_for_case"] == b], b)
-    out_dir = results_dir(args.device, args.out)
+    out_dir = results_dir(args.device, args.out or RESULTS)
     csv_path = write_csv(records, out_dir / f"{SUITE}.csv")
     plot_ratios(records, out_dir / f"{SUITE}.png", "lm_head + CE + JSD fwd+bwd: tellneo vs Liger / full logits")
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import RESULTS
+
 SUITE = "lora_linear"
 BASELINE = "peft"
 
@@ -138,7 +140,7 @@ def _interleaved_here(jobs: dict, device: str, warmup: int, repeat: int, threads
     import statistics
     import time
 
-    from tellneo.bench import _sync
+    from tellneo.bench import synchronize
 
     if threads:
         torch.set_num_threads(threads)
@@ -150,10 +152,10 @@ def _interleaved_here(jobs: dict, device: str, warmup: int, repeat: int, threads
     names = list(fns)
     for i in range(repeat):
         for name in names[i % len(names):] + names[: i % len(names)]:
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             fns[name]()
-            _sync(device)
+            synchronize(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak {m.peak_mb:8.1f} MB  saved {extra['saved_mb']:7.1f} MB  load {load:.2f}", flush=True)
         rows += case_rows
     records = add_ratios(rows, BASELINE)
-    out_dir = results_dir(args.device, args.out)
+    out_dir = results_dir(args.device, args.out or RESULTS)
     csv_path = write_csv(records, out_dir / f"{SUITE}.csv")
     plot_ratios(records, out_dir / f"{SUITE}.png", "LoRA linear fwd+bwd: tellneo vs PEFT")
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")

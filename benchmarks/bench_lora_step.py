@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import RESULTS
+
 SUITE = "lora_step"
 BASELINE = "peft"
 
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case:30s} {impl:8s} {m.time_ms:10.1f} ms  peak {m.peak_mb:8.1f} MB  "
                   f"saved {extra['saved_mb']:8.1f} MB  load {load:.2f}", flush=True)
     records = add_ratios(rows, BASELINE)
-    out_dir = results_dir(args.device, args.out)
+    out_dir = results_dir(args.device, args.out or RESULTS)
     csv_path = write_csv(records, out_dir / f"{SUITE}.csv")
     plot_ratios(records, out_dir / f"{SUITE}.png", "SmolLM2-135M LoRA training step: tellneo vs PEFT")
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")

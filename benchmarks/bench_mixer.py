@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import RESULTS
 from tellneo.bench import Job, Row, add_ratios, device_name, measure, plot_ratios, results_dir, write_csv
 
 SEQ_LEN = 4096
@@ -251,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             continue
         records = add_ratios(rows, baseline)
-        out = results_dir(device, args.out) / f"mixer_{name}.csv" if name != "cuda" else \
-            results_dir(device, args.out) / "mixer_cuda_emit.csv"
+        out = results_dir(device, args.out or RESULTS) / f"mixer_{name}.csv" if name != "cuda" else \
+            results_dir(device, args.out or RESULTS) / "mixer_cuda_emit.csv"
         write_csv(records, out)
         plot_ratios(records, out.with_suffix(".png"), f"mixer {name}")
         print(f"  wrote {out} and {out.with_suffix('.png')}")

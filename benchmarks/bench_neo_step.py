@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import RESULTS
 from tellneo.bench import Job, Row, add_ratios, device_name, measure, plot_ratios, results_dir, write_csv
 
 SUITE = "neo_step"
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         r.update(load_avg_before=round(load_before, 2), load_avg_after=round(load_after, 2),
                  threads=args.threads or "default", cpu_cores=os.cpu_count())
-    out = results_dir(args.device, args.out) / f"{SUITE}.csv"
+    out = results_dir(args.device, args.out or RESULTS) / f"{SUITE}.csv"
     write_csv(records, out)
     plot_ratios(records, out.with_suffix(".png"), "one NEO training step (SmolLM2-135M teacher, 15-layer LoRA student)")
     for r in records:
