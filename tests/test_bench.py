@@ -61,13 +61,14 @@ def test_suites_use_only_public_documented_harness_names():
 
 
 def test_suites_write_into_their_checkout_from_any_directory(tmp_path, monkeypatch):
-    from benchmarks import RESULTS, bench_mixer
+    import benchmarks
+    from benchmarks import bench_mixer
 
-    assert RESULTS == BENCHMARKS / "results"
+    assert benchmarks.RESULTS == BENCHMARKS / "results"
     elsewhere, results = tmp_path / "elsewhere", tmp_path / "results"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    monkeypatch.setattr(bench_mixer, "RESULTS", results)  # the checkout's results, redirected for the test
+    monkeypatch.setattr(benchmarks, "RESULTS", results)  # the checkout's results, redirected for the test
     row = Row("mixer_plan", "c", "trl_bfd", "cpu", "int64", "x", 1.0, 2.0)
     monkeypatch.setattr(bench_mixer, "SUITES", {"plan": (lambda quick: [row], "trl_bfd", "cpu")})
     assert bench_mixer.main(["--suite", "plan"]) == 0
@@ -84,3 +85,15 @@ def test_bench_command_without_a_checkout_says_it_needs_one(tmp_path, monkeypatc
     assert bench._checkout_root(tmp_path) is None
     assert main(["bench", "--list"]) == 2
     assert "needs a source checkout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite", ["bench_fused_linear_kd", "bench_lora_linear", "bench_lora_step"])
+def test_suites_refuse_cuda_without_a_gpu_in_one_line(suite, monkeypatch, capsys):
+    import importlib
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(f"benchmarks.{suite}").main(["--device", "cuda"])
+    assert exc.value.code == 2 and "--device cuda: no CUDA device is visible" in capsys.readouterr().err
