@@ -137,9 +137,8 @@ def interleaved_medians(jobs: dict, device: str, warmup: int, repeat: int, threa
 def _interleaved_here(jobs: dict, device: str, warmup: int, repeat: int, threads: int | None = None
                       ) -> dict[str, float]:
     import statistics
-    import time
 
-    from tellneo.bench import synchronize
+    from tellneo.bench import time_call
 
     if threads:
         torch.set_num_threads(threads)
@@ -151,11 +150,7 @@ def _interleaved_here(jobs: dict, device: str, warmup: int, repeat: int, threads
     names = list(fns)
     for i in range(repeat):
         for name in names[i % len(names):] + names[: i % len(names)]:
-            synchronize(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            synchronize(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(time_call(fns[name], device))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "rel_error",
     "results_dir",
     "synchronize",
+    "time_call",
     "write_csv",
 ]
 
@@ -178,6 +179,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_call(fn: Callable[[], Any], device: str) -> float:
+    """Wall time of one call of ``fn`` in milliseconds, its queued CUDA work included (synchronised before and
+    after on a CUDA ``device``)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def _trim_heap() -> None:
     import ctypes
     import gc
@@ -215,14 +226,7 @@ def measure_here(job: Job, device: str, warmup: int, repeat: int, *, memory: boo
         return Measurement(math.nan, peak_mb, extra)
     for _ in range(max(0, warmup - (1 if memory else 0))):
         fn()
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Measurement(statistics.median(times), peak_mb, extra)
+    return Measurement(statistics.median(time_call(fn, device) for _ in range(repeat)), peak_mb, extra)
 
 
 def _child(job: Job, device: str, warmup: int, repeat: int, threads: int | None, queue: Any, what: str) -> None:

@@ -97,3 +97,13 @@ def test_suites_refuse_cuda_without_a_gpu_in_one_line(suite, monkeypatch, capsys
     with pytest.raises(SystemExit) as exc:
         importlib.import_module(f"benchmarks.{suite}").main(["--device", "cuda"])
     assert exc.value.code == 2 and "--device cuda: no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_time_call_times_the_call_in_milliseconds():
+    import time
+
+    from tellneo.bench import time_call
+
+    calls = []
+    ms = time_call(lambda: (calls.append(1), time.sleep(0.03)), "cpu")
+    assert calls == [1] and 25 <= ms < 3000, ms
