@@ -19,9 +19,10 @@ Where this lives (a decision): the harness is a public, documented module of the
 suites that use it are not. The suites (``benchmarks/bench_*.py``, ``benchmarks/methods``, ``benchmarks/gpu``)
 compare tellneo with peers that are not runtime dependencies (Liger, PEFT, TRL, ...) and write into the
 checkout's ``benchmarks/results/``, so they stay in the source tree; ``tellneo bench`` runs them and says that it
-needs a checkout when it finds none. The suites import only the public names listed in ``__all__``; nothing here
-knows about ``benchmarks/`` except the default of :func:`results_dir`, and anyone may time their own ``Job`` with
-:func:`measure` on an installed tellneo.
+needs a checkout when it finds none. The suites import only the public names listed in ``__all__``
+(tests/test_bench.py checks it); nothing here knows about ``benchmarks/`` but the default of :func:`results_dir`
+and :func:`git_commit` not counting ``benchmarks/results`` as a change, and anyone may time their own ``Job``
+with :func:`measure` on an installed tellneo.
 """
 
 from __future__ import annotations
