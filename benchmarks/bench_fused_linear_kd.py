@@ -33,9 +33,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
+
+from benchmarks import add_out_flag, require_device, write_results
 
 SUITE = "fused_linear_kd"
 CPU_CASES = [
@@ -194,13 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(the machine is shared: a round can be slowed by other work; load1 is recorded)")
     parser.add_argument("--liger-compiled", action="store_true",
                         help="CPU: also run Liger with compiled=True (inductor; compiles for ~a minute)")
-    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    add_out_flag(parser)
     args = parser.parse_args(argv)
 
-    from tellneo.bench import Job, Row, add_ratios, device_name, measure, plot_ratios, results_dir, write_csv
+    from tellneo.bench import Job, Row, add_ratios, device_name, measure
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
+    require_device(parser, args.device)
     baseline = "liger+compile" if args.device.startswith("cuda") else "liger"
     dev_name = device_name(args.device)
     best: dict[tuple[str, str], Row] = {}
@@ -229,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for b in dict.fromkeys(r.extra["baseline_for_case"] for r in rows):  # CE-only cases have their own baseline
         records += add_ratios([x for x in rows if x.extra["baseline_for_case"] == b], b)
-    out_dir = results_dir(args.device, args.out)
-    csv_path = write_csv(records, out_dir / f"{SUITE}.csv")
-    plot_ratios(records, out_dir / f"{SUITE}.png", "lm_head + CE + JSD fwd+bwd: tellneo vs Liger / full logits")
-    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
+    write_results(records, args.device, args.out, SUITE, "lm_head + CE + JSD fwd+bwd: tellneo vs Liger / full logits")
     return 0
 
 

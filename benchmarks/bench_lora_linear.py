@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
+
+from benchmarks import add_out_flag, add_threads_flag, require_device, write_results
 
 SUITE = "lora_linear"
 BASELINE = "peft"
@@ -136,9 +137,8 @@ def interleaved_medians(jobs: dict, device: str, warmup: int, repeat: int, threa
 def _interleaved_here(jobs: dict, device: str, warmup: int, repeat: int, threads: int | None = None
                       ) -> dict[str, float]:
     import statistics
-    import time
 
-    from tellneo.bench import _sync
+    from tellneo.bench import time_call
 
     if threads:
         torch.set_num_threads(threads)
@@ -150,11 +150,7 @@ def _interleaved_here(jobs: dict, device: str, warmup: int, repeat: int, threads
     names = list(fns)
     for i in range(repeat):
         for name in names[i % len(names):] + names[: i % len(names)]:
-            _sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(time_call(fns[name], device))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -181,15 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one shape only (smoke test of the script)")
     parser.add_argument("--repeat", type=int, default=7, help="timed repetitions per case (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads in each measuring process (default: torch's default)")
-    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    add_threads_flag(parser)
+    add_out_flag(parser)
     args = parser.parse_args(argv)
 
-    from tellneo.bench import Job, Row, add_ratios, device_name, measure, plot_ratios, results_dir, write_csv
+    from tellneo.bench import Job, Row, add_ratios, device_name, measure
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
+    require_device(parser, args.device)
     dev_name = device_name(args.device)
     rows = []
     for case, d_in, d_out, tokens, p, dtype, impls in cases(args.device, args.quick):
@@ -216,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak {m.peak_mb:8.1f} MB  saved {extra['saved_mb']:7.1f} MB  load {load:.2f}", flush=True)
         rows += case_rows
     records = add_ratios(rows, BASELINE)
-    out_dir = results_dir(args.device, args.out)
-    csv_path = write_csv(records, out_dir / f"{SUITE}.csv")
-    plot_ratios(records, out_dir / f"{SUITE}.png", "LoRA linear fwd+bwd: tellneo vs PEFT")
-    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
+    write_results(records, args.device, args.out, SUITE, "LoRA linear fwd+bwd: tellneo vs PEFT")
     return 0
 
 

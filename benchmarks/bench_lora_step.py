@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
+
+from benchmarks import add_out_flag, add_threads_flag, require_device, write_results
 
 SUITE = "lora_step"
 BASELINE = "peft"
@@ -86,15 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleaved", type=int, default=6, metavar="STEPS",
                         help="also time both impls alternating in one process for STEPS rounds (0: skip); fairer "
                              "ratios on a shared machine")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads in each measuring process (default: torch's default)")
-    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    add_threads_flag(parser)
+    add_out_flag(parser)
     args = parser.parse_args(argv)
 
-    from tellneo.bench import Job, Row, add_ratios, device_name, measure, plot_ratios, results_dir, write_csv
+    from tellneo.bench import Job, Row, add_ratios, device_name, measure
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
+    require_device(parser, args.device)
     dev_name = device_name(args.device)
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     rows = []
@@ -126,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case:30s} {impl:8s} {m.time_ms:10.1f} ms  peak {m.peak_mb:8.1f} MB  "
                   f"saved {extra['saved_mb']:8.1f} MB  load {load:.2f}", flush=True)
     records = add_ratios(rows, BASELINE)
-    out_dir = results_dir(args.device, args.out)
-    csv_path = write_csv(records, out_dir / f"{SUITE}.csv")
-    plot_ratios(records, out_dir / f"{SUITE}.png", "SmolLM2-135M LoRA training step: tellneo vs PEFT")
-    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
+    write_results(records, args.device, args.out, SUITE, "SmolLM2-135M LoRA training step: tellneo vs PEFT")
     return 0
 
 

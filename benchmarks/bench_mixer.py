@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from tellneo.bench import Job, Row, add_ratios, device_name, measure, plot_ratios, results_dir, write_csv
+from benchmarks import add_out_flag, write_results
+from tellneo.bench import Job, Row, add_ratios, device_name, measure
 
 SEQ_LEN = 4096
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", nargs="+", choices=sorted(SUITES), default=sorted(SUITES),
                         help="suites to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    add_out_flag(parser)
     args = parser.parse_args(argv)
     for name in args.suite:
         fn, baseline, device = SUITES[name]
@@ -251,11 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             continue
         records = add_ratios(rows, baseline)
-        out = results_dir(device, args.out) / f"mixer_{name}.csv" if name != "cuda" else \
-            results_dir(device, args.out) / "mixer_cuda_emit.csv"
-        write_csv(records, out)
-        plot_ratios(records, out.with_suffix(".png"), f"mixer {name}")
-        print(f"  wrote {out} and {out.with_suffix('.png')}")
+        write_results(records, device, args.out, f"mixer_{name}" if name != "cuda" else "mixer_cuda_emit",
+                      f"mixer {name}")
     return 0
 
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from tellneo.bench import Job, Row, add_ratios, device_name, measure, plot_ratios, results_dir, write_csv
+from benchmarks import add_out_flag, add_threads_flag, write_results
+from tellneo.bench import Job, Row, add_ratios, device_name, measure
 
 SUITE = "neo_step"
 IMPLS = ("plain", "tellneo-kd", "tellneo")
@@ -155,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (NEO uses 0)")
     parser.add_argument("--repeat", type=int, default=3, help="timed steps (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the measured process")
+    add_threads_flag(parser)
     parser.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations to run")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    add_out_flag(parser)
     args = parser.parse_args(argv)
     batch, seq_len, repeat = (1, 256, 2) if args.quick else (args.batch, args.seq_len, args.repeat)
     case = f"B{batch}xT{seq_len}_dropout{args.dropout:g}"
@@ -178,13 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         r.update(load_avg_before=round(load_before, 2), load_avg_after=round(load_after, 2),
                  threads=args.threads or "default", cpu_cores=os.cpu_count())
-    out = results_dir(args.device, args.out) / f"{SUITE}.csv"
-    write_csv(records, out)
-    plot_ratios(records, out.with_suffix(".png"), "one NEO training step (SmolLM2-135M teacher, 15-layer LoRA student)")
     for r in records:
         print(f"  {r['impl']:>10}: {r['time_ms'] / 1e3:7.2f} s  {r['peak_mb']:8.0f} MB  time x{r['ratio_time']}  "
               f"memory x{r['ratio_mem']}")
-    print(f"  load average {load_before:.2f} before, {load_after:.2f} after; wrote {out} and {out.with_suffix('.png')}")
+    print(f"  load average {load_before:.2f} before, {load_after:.2f} after")
+    write_results(records, args.device, args.out, SUITE,
+                  "one NEO training step (SmolLM2-135M teacher, 15-layer LoRA student)")
     return 0
 
 

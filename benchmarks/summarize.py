@@ -19,9 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from benchmarks import RESULTS
 from tellneo.io import atomic_write_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHOWN = ["case", "impl", "time_ms", "peak_mb", "ratio_time", "ratio_mem"]
 
 

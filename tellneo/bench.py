@@ -14,6 +14,15 @@ reused and hide the call's own allocations), the other measures time with the al
 
 A measured callable is described by a :class:`Job`: an importable ``module:function`` that builds the inputs and
 returns a zero-argument callable to time. Building happens before the memory baseline is taken.
+
+Where this lives (a decision): the harness is a public, documented module of the installed package, and the
+suites that use it are not. The suites (``benchmarks/bench_*.py``, ``benchmarks/methods``, ``benchmarks/gpu``)
+compare tellneo with peers that are not runtime dependencies (Liger, PEFT, TRL, ...) and write into the
+checkout's ``benchmarks/results/``, so they stay in the source tree; ``tellneo bench`` runs them and says that it
+needs a checkout when it finds none. The suites import only the public names listed in ``__all__``
+(tests/test_bench.py checks it); nothing here knows about ``benchmarks/`` but the default of :func:`results_dir`
+and :func:`git_commit` not counting ``benchmarks/results`` as a change, and anyone may time their own ``Job``
+with :func:`measure` on an installed tellneo.
 """
 
 from __future__ import annotations
@@ -33,6 +42,26 @@ from typing import Any
 
 from tellneo.io import atomic_save_figure, atomic_write_csv
 
+__all__ = [
+    "COLUMNS",
+    "Job",
+    "Measurement",
+    "Row",
+    "add_ratios",
+    "cpu_device_name",
+    "device_name",
+    "git_commit",
+    "measure",
+    "measure_here",
+    "plot_ratios",
+    "rel_error",
+    "results_dir",
+    "synchronize",
+    "time_call",
+    "write_csv",
+]
+
+#: The columns every suite's CSV starts with, in this order (DESIGN.md, "Benchmark results format").
 COLUMNS = [
     "suite",
     "case",
@@ -70,18 +99,23 @@ class Job:
 
 @dataclass
 class Measurement:
+    """What :func:`measure` returns: median wall time of one call in ms, peak memory of one call in MiB (NaN when
+    not measured) and the extra CSV columns the job's builder returned."""
+
     time_ms: float
     peak_mb: float
     extra: dict[str, Any]
 
 
 def cpu_device_name() -> str:
+    """The CPU's model name and this machine's core count, e.g. ``"Intel(R) Xeon(R) Processor (2 cores)"``."""
     from tellneo._info import cpu_name
 
     return f"{cpu_name()} ({os.cpu_count()} cores)"
 
 
 def device_name(device: str) -> str:
+    """The real name of ``device`` for the CSV's ``device`` column: the CUDA device's name, else the CPU's."""
     if device.startswith("cuda"):
         import torch
 
@@ -90,6 +124,9 @@ def device_name(device: str) -> str:
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str:
+    """Short commit of the git work tree holding ``path`` (default: this package's directory, i.e. the tellneo code
+    being measured), with ``-dirty`` when tracked files outside ``benchmarks/results`` are modified; ``"unknown"``
+    outside a git work tree (an installed wheel) or without git."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -134,11 +171,23 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _sync(device: str) -> None:
+def synchronize(device: str) -> None:
+    """Wait for the queued CUDA work when ``device`` is a CUDA device (so a timer around a call sees all of it);
+    nothing on CPU."""
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], device: str) -> float:
+    """Wall time of one call of ``fn`` in milliseconds, its queued CUDA work included (synchronised before and
+    after on a CUDA ``device``)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _trim_heap() -> None:
@@ -156,7 +205,7 @@ def measure_here(job: Job, device: str, warmup: int, repeat: int, *, memory: boo
                  timing: bool = True) -> Measurement:
     """Measure ``job`` in this process (used directly for CUDA, inside fresh children for CPU)."""
     fn, extra = job.build()
-    _sync(device)
+    synchronize(device)
     peak_mb = math.nan
     if memory and device.startswith("cuda"):
         import torch
@@ -178,14 +227,7 @@ def measure_here(job: Job, device: str, warmup: int, repeat: int, *, memory: boo
         return Measurement(math.nan, peak_mb, extra)
     for _ in range(max(0, warmup - (1 if memory else 0))):
         fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Measurement(statistics.median(times), peak_mb, extra)
+    return Measurement(statistics.median(time_call(fn, device) for _ in range(repeat)), peak_mb, extra)
 
 
 def _child(job: Job, device: str, warmup: int, repeat: int, threads: int | None, queue: Any, what: str) -> None:
@@ -265,6 +307,8 @@ def _run_child(job: Job, device: str, warmup: int, repeat: int, threads: int | N
 
 @dataclass
 class Row:
+    """One measured (case, impl) before ratios are added: the design's columns plus ``extra`` columns."""
+
     suite: str
     case: str
     impl: str
@@ -307,6 +351,7 @@ def add_ratios(rows: Sequence[Row], baseline_impl: str) -> list[dict[str, Any]]:
 
 
 def write_csv(records: Iterable[dict[str, Any]], path: Path) -> Path:
+    """Write ``records`` (from :func:`add_ratios`) atomically to ``path``, :data:`COLUMNS` first; returns ``path``."""
     return atomic_write_csv(path, records, first_columns=COLUMNS)
 
 
@@ -354,6 +399,7 @@ def plot_ratios(records: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
 
 
 def results_dir(device: str, root: Path | None = None) -> Path:
-    """``benchmarks/results`` (CPU) or ``benchmarks/results/gpu`` (CUDA) of the checkout, or ``root`` if given."""
+    """``root`` (CPU) or ``root/gpu`` (CUDA); ``root`` defaults to ``./benchmarks/results`` of the current
+    directory (the suites pass their checkout's ``benchmarks.RESULTS``, so they write there from anywhere)."""
     base = root if root is not None else Path.cwd() / "benchmarks" / "results"
     return base / "gpu" if device.startswith("cuda") else base

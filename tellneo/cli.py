@@ -12,17 +12,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from tellneo.commands._common import HelpFormatter, UserError
+
+__all__ = ["COMMANDS", "HelpFormatter", "Parser", "UserError", "build_parser", "main"]
+
 COMMANDS = ("info", "mix", "distill", "tell", "bench")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends ``(default: X)`` to a flag's help unless the help already states its default or there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "default" in text.lower() or action.default is None or action.default is False:
-            return text
-        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,10 +25,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

@@ -34,7 +34,7 @@ def add_config_flag(p: argparse.ArgumentParser, command: str,
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """The ``config`` of a run manifest (or a plain JSON object of settings); UserError naming the problem."""
-    from tellneo.cli import UserError
+    from tellneo.commands._common import UserError
 
     if not path.is_file():
         raise UserError(f"--config {path}: no such file")
@@ -52,7 +52,7 @@ def config_defaults(config: dict[str, Any], p: argparse.ArgumentParser, command:
                     translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """``{dest: value}`` defaults for the subparser ``p`` from a manifest config (its ``train`` block flattened:
     its fields are flags of the same names). Unknown entries raise UserError."""
-    from tellneo.cli import UserError
+    from tellneo.commands._common import UserError
 
     config = {k: v for k, v in config.items() if k not in _DERIVED}
     train = config.pop("train", None) or {}

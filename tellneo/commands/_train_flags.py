@@ -96,7 +96,7 @@ def apply_threads(requested: int) -> int:
 
     cores = len(allowed_cores())
     if not 0 <= requested <= MAX_THREADS_PER_CORE * cores:
-        from tellneo.cli import UserError
+        from tellneo.commands._common import UserError
 
         raise UserError(f"--threads must be in [0, {MAX_THREADS_PER_CORE * cores}] ({MAX_THREADS_PER_CORE} per CPU "
                         f"core, {cores} cores here), got {requested}")
@@ -110,7 +110,7 @@ def apply_threads(requested: int) -> int:
 @contextmanager
 def recipe_errors() -> Iterator[None]:
     """Re-raise a recipe's configuration/data errors as the CLI's UserError (one line, exit status 2)."""
-    from tellneo.cli import UserError
+    from tellneo.commands._common import UserError
     from tellneo.recipes.common import RecipeError
 
     # transformers/peft deprecation chatter about their own internals is not actionable for a CLI user

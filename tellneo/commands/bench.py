@@ -1,4 +1,9 @@
-"""``tellneo bench``: run the benchmark suites of a tellneo checkout and regenerate their CSV + PNG files."""
+"""``tellneo bench``: run the benchmark suites of a tellneo checkout and regenerate their CSV + PNG files.
+
+The suites (``benchmarks/``) are not installed with the package, only their harness :mod:`tellneo.bench` is, so
+this command needs a source checkout: the current directory or one above it, or the checkout an editable install
+points into; without one it says so and exits with status 2.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from pathlib import Path
 
 
 def _checkout_root(start: Path) -> Path | None:
+    """The tellneo checkout holding ``start`` (or the editable install's), identified by ``benchmarks/__init__.py``
+    beside ``tellneo/``; None when there is none."""
     for d in (start, *start.parents):
         if (d / "benchmarks" / "__init__.py").is_file() and (d / "tellneo").is_dir():
             return d
@@ -17,6 +24,7 @@ def _checkout_root(start: Path) -> Path | None:
 
 
 def available_suites(root: Path) -> list[str]:
+    """Names of the suites ``benchmarks/bench_<name>.py`` in the checkout ``root``, sorted."""
     return sorted(p.stem.removeprefix("bench_") for p in (root / "benchmarks").glob("bench_*.py"))
 
 
@@ -33,15 +41,16 @@ def default_suites(root: Path) -> list[str]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from tellneo.cli import HelpFormatter
+    from tellneo.commands._common import HelpFormatter
 
     p = sub.add_parser(
         "bench",
         help="run benchmark suites (tellneo vs its peers) and write CSV + PNG",
-        description="Run the benchmark scripts benchmarks/bench_<name>.py of a tellneo checkout (found from the "
-                    "current directory or the editable install). Each writes CSV + PNG under "
-                    "benchmarks/results/ (benchmarks/results/gpu/ for CUDA runs). Extra arguments after '--' "
-                    "are passed to every suite (e.g. -- --quick).",
+        description="Run the benchmark scripts benchmarks/bench_<name>.py of a tellneo source checkout (found "
+                    "from the current directory or the editable install; the suites are not installed with the "
+                    "package, so an installed tellneo alone cannot run them). Each writes CSV + PNG under the "
+                    "checkout's benchmarks/results/ (benchmarks/results/gpu/ for CUDA runs). Extra arguments "
+                    "after '--' are passed to every suite (e.g. -- --quick).",
         formatter_class=HelpFormatter,
     )
     p.add_argument("suites", nargs="*", help="suite names (e.g. mixer); default: all suites found except the slow "
@@ -52,12 +61,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tellneo.cli import UserError
+    from tellneo.commands._common import UserError
 
     root = _checkout_root(Path.cwd())
     if root is None:
-        raise UserError("no tellneo checkout found: run `tellneo bench` inside the repository (benchmarks/ is not "
-                        "installed with the package)")
+        raise UserError("no tellneo checkout found: `tellneo bench` needs a source checkout (benchmarks/ is not "
+                        "installed with the package); run it inside the repository")
     suites = available_suites(root)
     if args.list:
         print("\n".join(suites))

@@ -18,7 +18,7 @@ from tellneo.commands._train_flags import (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from tellneo.cli import HelpFormatter
+    from tellneo.commands._common import HelpFormatter
 
     p = sub.add_parser(
         "distill",

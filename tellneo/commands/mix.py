@@ -15,7 +15,7 @@ import numpy as np
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from tellneo.cli import HelpFormatter
+    from tellneo.commands._common import HelpFormatter
 
     p = sub.add_parser(
         "mix",
@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from tellneo.cli import UserError
+    from tellneo.commands._common import UserError
 
     if not 0 < args.task_ratio < 1:
         raise UserError(f"--task-ratio must be in (0, 1), got {args.task_ratio}")
@@ -108,7 +108,7 @@ def _trained_per_sample(plan: Any, store: Any) -> np.ndarray:
 
 def _check_lengths(store: Any, what: str, args: argparse.Namespace) -> None:
     """One-line errors for samples that cannot be packed into ``--seq-len`` under ``--overlong``."""
-    from tellneo.cli import UserError
+    from tellneo.commands._common import UserError
 
     fits = store.lengths <= args.seq_len
     if args.overlong == "error" and not fits.all():
