@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from tellneo.kernels.lora_common import keep_mask, on_device
-from tellneo.kernels.lora_expand import expand_matmul
-from tellneo.kernels.lora_reduce import row_reduce
-from tellneo.kernels.lora_shrink import shrink
+from .lora_common import keep_mask, on_device
+from .lora_expand import expand_matmul
+from .lora_reduce import row_reduce
+from .lora_shrink import shrink
 
 __all__ = ["forward", "backward", "keep_mask"]
 

@@ -58,9 +58,10 @@ def canonical_divergence(divergence: str, beta: float) -> str:
     return divergence
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types and float32, float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the KD math runs in for inputs of ``dtypes``: float64 if any is float64, else float32 (half
+    types and float32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def transform_logits(z: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:

@@ -9,16 +9,16 @@ defined once, in :mod:`tellneo.ops.divergences`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from tellneo._backend import choose_backend, triton_interpreter_enabled
-from tellneo.ops import _kd_op  # noqa: F401  (registers torch.ops.tellneo.fused_linear_kd_*)
-from tellneo.ops._kd_args import SHARED, KDConfig, KDInputs, check_args
+from tellneo.ops import _kd_op  # registers torch.ops.tellneo.fused_linear_kd_*
+from tellneo.ops._kd_args import SHARED, KDConfig, KDInputs, check_args, valid_mask
 from tellneo.ops.divergences import (
-    compute_dtype,
     kd_per_token,
     topk_kd_per_token,
     transform_logits,
@@ -116,15 +116,9 @@ _DOC_ARGS = """
 
 def _reference_impl(inp: KDInputs, cfg: KDConfig, num_items_in_batch: Any, return_parts: bool):
     sh = inp.student_hidden
-    cdt = compute_dtype(sh.dtype)
-    if inp.teacher_hidden is not None and inp.teacher_hidden.dtype == torch.float64:
-        cdt = torch.float64
+    cdt = inp.compute_dtype
     n = sh.shape[0]
-    valid = (
-        inp.labels != cfg.ignore_index
-        if inp.labels is not None
-        else torch.ones(n, dtype=torch.bool, device=sh.device)
-    )
+    valid = valid_mask(inp, cfg)
     z = transform_logits(F.linear(sh, inp.student_weight, inp.student_bias).to(cdt), cfg.logit_scale, cfg.softcap)
     zero = torch.zeros(n, dtype=cdt, device=sh.device)
 
@@ -223,7 +217,7 @@ def _triton_unavailable(inp: KDInputs) -> str | None:
         return "CPU tensors need TRITON_INTERPRET=1"
     if sh.device.type not in ("cpu", "cuda"):
         return f"device {sh.device.type} is not supported"
-    if sh.dtype == torch.float64 or (inp.teacher_hidden is not None and inp.teacher_hidden.dtype == torch.float64):
+    if inp.compute_dtype == torch.float64:
         return "float64 is not supported by the kernels (use backend='torch')"
     try:
         import triton  # noqa: F401
@@ -232,19 +226,22 @@ def _triton_unavailable(inp: KDInputs) -> str | None:
     return None
 
 
-def _torch_unavailable(inp: KDInputs) -> str | None:
-    return None
-
-
 def _choose(inp: KDInputs, backend: str) -> str:
     return choose_backend(
         "fused_linear_kd",
         backend,
         is_cuda=inp.student_hidden.is_cuda,
-        available={"triton": lambda: _triton_unavailable(inp), "torch": lambda: _torch_unavailable(inp)},
+        available={"triton": lambda: _triton_unavailable(inp), "torch": lambda: None},
         auto_cuda=["triton", "torch"],
         auto_cpu=["torch"],
     )
+
+
+_TEACHER_FIELDS = ("teacher_hidden", "teacher_weight", "teacher_bias", "topk_logprobs")
+
+
+def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach()
 
 
 def fused_linear_kd(
@@ -318,34 +315,17 @@ def fused_linear_kd(
         teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale,
     )
     chosen = _choose(inp, backend)
-    sh = inp.student_hidden
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and student_hidden.requires_grad
     need_dw = grad_on and student_weight.requires_grad
     need_db = grad_on and student_bias is not None and student_bias.requires_grad
     fused = chosen == "torch" and cfg.reduction != "none" and (need_dh or need_dw or need_db)
 
-    cdt = torch.float64 if (sh.dtype == torch.float64 or (
-        inp.teacher_hidden is not None and inp.teacher_hidden.dtype == torch.float64)) else torch.float32
-    valid = (
-        inp.labels != cfg.ignore_index
-        if inp.labels is not None
-        else torch.ones(sh.shape[0], dtype=torch.bool, device=sh.device)
-    )
-    num_tokens = valid.sum()
-    grad_scale = _grad_scale(num_tokens, cfg, num_items_in_batch, cdt)
-
-    def _det(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.detach()
-
-    loss, ce, kd, _stats, _dh, _dw, _db = torch.ops.tellneo.fused_linear_kd_fwd(
-        sh, inp.student_weight, inp.student_bias,
-        _det(inp.teacher_hidden), _det(inp.teacher_weight), _det(inp.teacher_bias),
-        inp.labels, inp.topk_ids, _det(inp.topk_logprobs), grad_scale,
-        cfg.divergence, cfg.beta, cfg.temperature, cfg.kd_scale, cfg.alpha, cfg.ignore_index,
-        cfg.softcap, cfg.logit_scale, cfg.teacher_softcap, cfg.teacher_logit_scale, chosen, need_dh, need_dw, need_db,
-        fused,
-    )
+    num_tokens = valid_mask(inp, cfg).sum()
+    grad_scale = _grad_scale(num_tokens, cfg, num_items_in_batch, inp.compute_dtype)
+    frozen = dataclasses.replace(inp, **{name: _detached(getattr(inp, name)) for name in _TEACHER_FIELDS})
+    loss, ce, kd, _stats, _dh, _dw, _db = _kd_op.call_fwd(frozen, cfg, grad_scale, chosen, need_dh, need_dw,
+                                                         need_db, fused)
     if cfg.reduction == "none":
         loss = ((1.0 - cfg.alpha) * ce + cfg.alpha * kd).reshape(inp.lead_shape)
         ce_r, kd_r = ce.reshape(inp.lead_shape), kd.reshape(inp.lead_shape)
