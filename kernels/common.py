@@ -7,6 +7,8 @@ before deciding whether to load a kernel).
   which case they use TF32 exactly like torch's own fp32 matmuls; so a kernel and the PyTorch reference it is
   tested against always make the same choice. Half-precision operands use the tensor cores' default (fp32
   accumulation) either way.
+* :func:`dropout_keep_scale`: ``1 / (1 - p)``, the rescale of kept elements under inverted dropout (LoRA
+  kernels and the LoRA op's torch path).
 """
 
 from __future__ import annotations
@@ -25,3 +27,8 @@ def fp32_precision(dtype: torch.dtype) -> str | None:
     """``tl.dot``'s ``input_precision`` for operands of ``dtype``: ``"ieee"`` for fp32 unless torch allows TF32
     for fp32 matmuls, else None (the default: TF32 for fp32, tensor cores for half types)."""
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else None
+
+
+def dropout_keep_scale(dropout_p: float) -> float:
+    """``1 / (1 - p)``: what inverted dropout multiplies kept elements by (exactly 1.0 for ``p = 0``)."""
+    return 1.0 / (1.0 - dropout_p)

@@ -7,7 +7,7 @@ reference) over ``_kd_args`` (argument checks), ``_kd_op`` (the ``torch.library`
 """
 
 from tellneo.ops.divergences import DIVERGENCES
-from tellneo.ops.fused_linear_kd import KDLossOutput, fused_linear_kd, fused_linear_kd_reference
+from tellneo.ops.fused_linear_kd import KDLossOutput, fused_linear_kd, fused_linear_kd_reference, topk_logprobs
 from tellneo.ops.lora_linear import lora_dropout_mask, lora_linear, lora_linear_reference
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "lora_dropout_mask",
     "lora_linear",
     "lora_linear_reference",
+    "topk_logprobs",
 ]

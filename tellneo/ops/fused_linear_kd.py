@@ -19,12 +19,13 @@ from tellneo._backend import choose_backend, triton_interpreter_enabled
 from tellneo.ops import _kd_op  # registers torch.ops.tellneo.fused_linear_kd_*
 from tellneo.ops._kd_args import SHARED, KDConfig, KDInputs, check_args, valid_mask
 from tellneo.ops.divergences import (
+    compute_dtype,
     kd_per_token,
     topk_kd_per_token,
     transform_logits,
 )
 
-__all__ = ["KDLossOutput", "fused_linear_kd", "fused_linear_kd_reference"]
+__all__ = ["KDLossOutput", "fused_linear_kd", "fused_linear_kd_reference", "topk_logprobs"]
 
 
 class KDLossOutput(NamedTuple):
@@ -337,3 +338,51 @@ def fused_linear_kd(
 
 
 fused_linear_kd.__doc__ += _DOC_ARGS
+
+
+@torch.no_grad()
+def topk_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_rows: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's top-``k`` log-probabilities, the sparse teacher ``teacher_topk`` of :func:`fused_linear_kd`.
+
+    ``hidden [N, H]`` and ``weight [Vt, H]`` (same dtype and device), ``bias [Vt] | None``: the teacher's
+    ``lm_head``; its logits ``transform(hidden W^T + b)`` (``logit_scale`` then ``softcap``, as in
+    :func:`fused_linear_kd`) are divided by ``temperature`` and log-softmaxed in the compute dtype (float32;
+    float64 for float64 inputs). ``vocab_size``: keep only the first ``vocab_size`` ids (a teacher head padded
+    beyond the student's vocabulary), renormalised there, exactly as :func:`fused_linear_kd` treats a padded
+    dense teacher. Rows are processed ``chunk_rows`` at a time (``[chunk_rows, V]`` logits at most).
+
+    Returns ``(ids [N, k] int64, logprobs [N, k])``, sorted by decreasing log-probability.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"topk_logprobs: hidden must be a [N, H] tensor, got {getattr(hidden, 'shape', hidden)!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"topk_logprobs: weight must be [V, H={hidden.shape[1]}], got "
+                         f"{getattr(weight, 'shape', weight)!r}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"topk_logprobs: weight dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+    if vocab_size is not None:
+        weight = weight[:vocab_size]
+        bias = None if bias is None else bias[:vocab_size]
+    if not 0 < k <= weight.shape[0]:
+        raise ValueError(f"topk_logprobs: k must be in [1, {weight.shape[0]}] (the vocabulary), got {k}")
+    if not temperature > 0:
+        raise ValueError(f"topk_logprobs: temperature must be > 0, got {temperature}")
+    cdt = compute_dtype(hidden.dtype)
+    ids = torch.empty(hidden.shape[0], k, dtype=torch.int64, device=hidden.device)
+    lps = torch.empty(hidden.shape[0], k, dtype=cdt, device=hidden.device)
+    for a in range(0, hidden.shape[0], chunk_rows):
+        logits = transform_logits(F.linear(hidden[a : a + chunk_rows], weight, bias).to(cdt), logit_scale, softcap)
+        top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)  # sorted, largest first
+        ids[a : a + chunk_rows], lps[a : a + chunk_rows] = top.indices, top.values
+    return ids, lps
