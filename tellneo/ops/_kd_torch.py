@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tellneo.ops._kd_args import KDConfig, KDInputs, valid_mask
-from tellneo.ops.divergences import kd_per_token_and_grad, topk_kd_per_token_and_grad
+from tellneo.ops.divergences import compute_dtype, kd_per_token_and_grad, topk_kd_per_token_and_grad
 
 # Elements of one [chunk, V] workspace slab: 16 Mi (64 MiB in fp32); a call uses 5 slabs (up to 9 with T != 1
 # and softcap).
@@ -174,7 +174,7 @@ class _GradAccumulator:
 
     def __init__(self, inp: KDInputs, need_dh: bool, need_dw: bool, need_db: bool) -> None:
         sh, sw = inp.student_hidden, inp.student_weight
-        acc = torch.float64 if sw.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(sw.dtype)
         self.inp = inp
         self.dh = torch.empty_like(sh) if need_dh else None
         # empty, not zeros: the first chunk writes dW / db with out=, later chunks accumulate
