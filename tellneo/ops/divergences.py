@@ -92,6 +92,10 @@ def transform_grad_factor(
 
 
 def _mixture_log_probs(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    """``log m = log((1 - beta) q + beta p)`` in log space, exact where both probabilities underflow. The top-k
+    gradient needs that: its tail term ``log Q_tail - log M_tail`` is not multiplied by ``Q_tail``, so a mixture
+    clamped at the smallest normal (the chunked path's probability-space form, harmless there because every
+    term is multiplied by ``q``) would turn a saturated tail into a large wrong gradient."""
     return torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
 
 
