@@ -68,7 +68,8 @@ _DOC_ARGS = """
         teacher_bias: ``[Vt]`` or None.
         teacher_topk: ``(ids [..., k], logprobs [..., k])``: a sparse teacher (offline KD) instead of
             ``teacher_hidden``/``teacher_weight``. ``logprobs`` are used as given (compute them at the
-            distillation temperature; ``temperature`` still divides the *student's* logits). The teacher's missing
+            distillation temperature, e.g. with :func:`topk_logprobs`; ``temperature`` still divides the
+            *student's* logits). The teacher's missing
             mass ``1 - sum(exp(logprobs))`` and the student's mass outside the ids are compared as one extra
             "tail" bucket: the divergence is taken between the two ``k + 1``-bucket distributions (a proper
             divergence, a lower bound of the full one, exact when the teacher's tail is empty). Entries with
