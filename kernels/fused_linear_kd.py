@@ -41,6 +41,7 @@ gradients' last bits depend on scheduling.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -349,9 +350,22 @@ def rows_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else (x if x.stride(-1) == 1 else x.contiguous())
 
 
-def _common(sh, sw, sb, th, tw, tb, temperature, logit_scale, softcap, t_logit_scale, t_softcap) -> dict:
-    sh, sw, sb, th, tw, tb = (rows_contiguous(x) for x in (sh, sw, sb, th, tw, tb))
-    dense = tw is not None
+class Head(NamedTuple):
+    """One model's ``lm_head`` as the launchers take it: logits ``softcap(logit_scale * (hidden weight^T + bias))``
+    (``softcap(x) = c tanh(x / c)``, none when ``softcap`` is None)."""
+
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None = None  # [V]
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def _common(student: Head, teacher: Head | None, temperature: float) -> dict:
+    sh, sw, sb = (rows_contiguous(x) for x in student[:3])
+    dense = teacher is not None
+    th, tw, tb = (rows_contiguous(x) for x in teacher[:3]) if dense else (None, None, None)
+    t_logit_scale, t_softcap = (teacher.logit_scale, teacher.softcap) if dense else (1.0, None)
     return dict(
         sh_ptr=sh, sw_ptr=sw, sb_ptr=sb if sb is not None else sw,
         th_ptr=th if dense else sh, tw_ptr=tw if dense else sw,
@@ -359,11 +373,11 @@ def _common(sh, sw, sb, th, tw, tb, temperature, logit_scale, softcap, t_logit_s
         N=sh.shape[0], V=sw.shape[0], HS=sh.shape[1], HT=th.shape[1] if dense else 1,
         stride_sh=sh.stride(0), stride_sw=sw.stride(0),
         stride_th=th.stride(0) if dense else 0, stride_tw=tw.stride(0) if dense else 0,
-        inv_temp=1.0 / temperature, logit_scale=logit_scale,
-        softcap=softcap if softcap is not None else 1.0, t_logit_scale=t_logit_scale,
+        inv_temp=1.0 / temperature, logit_scale=student.logit_scale,
+        softcap=student.softcap if student.softcap is not None else 1.0, t_logit_scale=t_logit_scale,
         t_softcap=t_softcap if t_softcap is not None else 1.0,
         HAS_SB=sb is not None, HAS_TB=tb is not None,
-        HAS_SOFTCAP=softcap is not None, HAS_TSOFTCAP=t_softcap is not None,
+        HAS_SOFTCAP=student.softcap is not None, HAS_TSOFTCAP=t_softcap is not None,
         PRECISION_S=fp32_precision(sh.dtype), PRECISION_T=fp32_precision(th.dtype if dense else sh.dtype),
         UPCAST=sh.device.type != "cuda",
     )
@@ -402,45 +416,38 @@ def _combine(part: torch.Tensor, divergence: int, has_labels: bool, has_kd: bool
 
 
 def kd_forward(
-    sh: torch.Tensor,
-    sw: torch.Tensor,
-    sb: torch.Tensor | None,
-    th: torch.Tensor | None,
-    tw: torch.Tensor | None,
-    tb: torch.Tensor | None,
+    student: Head,
+    teacher: Head | None,
     labels: torch.Tensor | None,
     *,
     has_kd: bool,
     divergence: int,
     beta: float,
     temperature: float,
-    logit_scale: float,
-    softcap: float | None,
-    t_logit_scale: float,
-    t_softcap: float | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Row statistics of student ``z = transform(sh sw^T + sb)`` and dense teacher ``t`` (``th``/``tw``/``tb``).
+    """Row statistics of the student's logits ``z`` and a dense teacher's ``t`` (each a :class:`Head`).
 
-    Args: ``sh [N, Hs]``, ``sw [V, Hs]``, ``sb [V] | None``, ``th [N, Ht] | None``, ``tw [V, Ht] | None``,
-    ``tb [V] | None``, ``labels [N] int64 | None``; ``has_kd``: compute the tempered student's statistics (also
-    for a sparse teacher: ``th``/``tw`` None); ``divergence``: a code (:data:`FORWARD_KL` ...); transforms:
-    ``logit_scale`` then ``softcap`` (None: none), the teacher's own. ``N > 0``.
+    Args: ``student`` (``hidden [N, Hs]``, ``weight [V, Hs]``), ``teacher`` (``hidden [N, Ht]``, ``weight
+    [V, Ht]``) or None, ``labels [N] int64 | None``; ``has_kd``: compute the tempered student's statistics (also
+    for a sparse teacher, ``teacher`` None); ``divergence``: a code (:data:`FORWARD_KL` ...); ``temperature``
+    divides both models' logits in the KD statistics. ``N > 0``.
 
     Returns ``(ce [N] | None, value [N] | None, stats [N, NUM_ROW_STATS])``, fp32: per-row CE
     ``logsumexp(z) - z[label]`` (not masked: rows whose label matches no column give ``logsumexp(z)``), the
     dense teacher's divergence (tempered, without ``T^2``), and the :data:`ROW_STATS` (0 where absent).
     """
-    n, vocab = sh.shape[0], sw.shape[0]
+    sh = student.hidden
+    n, vocab = sh.shape[0], student.weight.shape[0]
     dev = sh.device
     stats = torch.zeros(n, NUM_ROW_STATS, dtype=torch.float32, device=dev)
     has_labels = labels is not None
-    dense = tw is not None
+    dense = teacher is not None
     blk = _blocks(dev)
     n_blocks = triton.cdiv(n, blk["BLOCK_N"])
     splits = _num_splits(n_blocks, vocab, blk["BLOCK_V"], dev)
     v_per_split = triton.cdiv(triton.cdiv(vocab, splits), blk["BLOCK_V"]) * blk["BLOCK_V"]
     splits = triton.cdiv(vocab, v_per_split)
-    common = _common(sh, sw, sb, th, tw, tb, temperature, logit_scale, softcap, t_logit_scale, t_softcap)
+    common = _common(student, teacher, temperature)
     part = torch.empty(splits, NUM_PARTS, n, dtype=torch.float32, device=dev)
     _kd_stats_kernel[(n_blocks, splits)](
         labels_ptr=labels if has_labels else sh, part_ptr=part, v_per_split=v_per_split,
@@ -472,12 +479,8 @@ def kd_forward(
 
 
 def kd_backward(
-    sh: torch.Tensor,
-    sw: torch.Tensor,
-    sb: torch.Tensor | None,
-    th: torch.Tensor | None,
-    tw: torch.Tensor | None,
-    tb: torch.Tensor | None,
+    student: Head,
+    teacher: Head | None,
     labels: torch.Tensor | None,
     stats: torch.Tensor,
     w_ce: torch.Tensor | None,
@@ -487,10 +490,6 @@ def kd_backward(
     divergence: int,
     beta: float,
     temperature: float,
-    logit_scale: float,
-    softcap: float | None,
-    t_logit_scale: float,
-    t_softcap: float | None,
     need_dh: bool,
     need_dw: bool,
     need_db: bool,
@@ -503,14 +502,15 @@ def kd_backward(
     tempered logits) or None; ``g_lse [N]`` fp32 weight of the tempered student's ``q`` (the dense part of a
     sparse teacher's gradient, its sparse part is the caller's) or None.
     """
-    n, vocab, hs = sh.shape[0], sw.shape[0], sh.shape[1]
+    sh = student.hidden
+    n, vocab, hs = sh.shape[0], student.weight.shape[0], sh.shape[1]
     dev = sh.device
     dh = torch.zeros(n, hs, dtype=torch.float32, device=dev) if need_dh else None
     dw = torch.zeros(vocab, hs, dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
     if n > 0 and (need_dh or need_dw or need_db):
         blk = _blocks(dev)
-        common = _common(sh, sw, sb, th, tw, tb, temperature, logit_scale, softcap, t_logit_scale, t_softcap)
+        common = _common(student, teacher, temperature)
         grid = (triton.cdiv(n, blk["BLOCK_N"]), triton.cdiv(vocab, blk["BLOCK_V"]))
         beta = beta if divergence == JSD else 0.5
         _kd_bwd_kernel[grid](

@@ -35,12 +35,15 @@ def _contiguous(inp: KDInputs) -> KDInputs:
 
 
 def _launch_args(inp: KDInputs, cfg: KDConfig) -> tuple[tuple, dict]:
-    tensors = (inp.student_hidden, inp.student_weight, inp.student_bias, inp.teacher_hidden, inp.teacher_weight,
-               inp.teacher_bias, inp.labels)
-    scalars = dict(divergence=D.DIVERGENCES.index(cfg.divergence), beta=cfg.beta, temperature=cfg.temperature,
-                   logit_scale=cfg.logit_scale, softcap=cfg.softcap, t_logit_scale=cfg.teacher_logit_scale,
-                   t_softcap=cfg.teacher_softcap)
-    return tensors, scalars
+    """``(student Head, teacher Head | None, labels)`` and the scalar keywords shared by both launchers."""
+    K = _kernels()
+    student = K.Head(inp.student_hidden, inp.student_weight, inp.student_bias, cfg.logit_scale, cfg.softcap)
+    teacher = None
+    if inp.teacher_weight is not None:
+        teacher = K.Head(inp.teacher_hidden, inp.teacher_weight, inp.teacher_bias, cfg.teacher_logit_scale,
+                         cfg.teacher_softcap)
+    scalars = dict(divergence=D.DIVERGENCES.index(cfg.divergence), beta=cfg.beta, temperature=cfg.temperature)
+    return (student, teacher, inp.labels), scalars
 
 
 def gather_student_logits(inp: KDInputs, cfg: KDConfig, ids: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
@@ -82,8 +85,8 @@ def forward(inp: KDInputs, cfg: KDConfig) -> tuple[torch.Tensor, torch.Tensor, t
     if n == 0:
         return ce, kd, torch.zeros(n, K.NUM_ROW_STATS, dtype=torch.float32, device=dev)
     valid = valid_mask(inp, cfg)
-    tensors, scalars = _launch_args(inp, cfg)
-    ce_rows, value, stats = K.kd_forward(*tensors, has_kd=inp.has_teacher, **scalars)
+    heads, scalars = _launch_args(inp, cfg)
+    ce_rows, value, stats = K.kd_forward(*heads, has_kd=inp.has_teacher, **scalars)
     if ce_rows is not None:
         ce = torch.where(valid, ce_rows, 0.0)
     if inp.has_teacher:
@@ -129,8 +132,8 @@ def backward(
             glse = (g_lse * wkd).contiguous()
             g_ids = g_ids * wkd[:, None] * D.transform_grad_factor(z_ids, cfg.logit_scale, cfg.softcap)
             wkd = None
-    tensors, scalars = _launch_args(inp, cfg)
-    dh, dw, db = K.kd_backward(*tensors, stats, wce, wkd, glse, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+    heads, scalars = _launch_args(inp, cfg)
+    dh, dw, db = K.kd_backward(*heads, stats, wce, wkd, glse, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
                                **scalars)
     if topk:
         _scatter_topk_grads(inp, inp.topk_ids, g_ids, dh, dw, db)

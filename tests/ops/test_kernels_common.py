@@ -32,7 +32,7 @@ def test_both_kernel_families_follow_the_rule(tf32):
     for on in (False, True):
         tf32(on)
         assert dot_flags(torch.float32)["IEEE"] == (fp32_precision(torch.float32) == "ieee") == (not on)
-        flags = K._common(h, w, None, h, w, None, 1.0, 1.0, None, 1.0, None)
+        flags = K._common(K.Head(h, w), K.Head(h, w), 1.0)
         assert flags["PRECISION_S"] == flags["PRECISION_T"] == fp32_precision(torch.float32)
 
 
