@@ -21,26 +21,33 @@ second pass and the backward form ``log q = (s - m_s) - log S_s`` from recompute
 the forward, so at logits of +-1e4 (fp32 spacing ~1e-3) ``log q - log p`` and ``exp(log q)`` keep full relative
 precision (a saturated row's reverse-KL gradient is ~1e-100, not the ~5e-4 that ``z - lse`` would give).
 
-A sparse (top-k) teacher uses the student-only statistics from the kernels; its ``k`` gathered logits and the
-``k + 1``-bucket math run in PyTorch on ``[N, k]`` tensors (rows chunked).
+A sparse (top-k) teacher uses the student-only statistics of :func:`kd_forward`; its ``k`` gathered logits and
+the ``k + 1``-bucket math run in PyTorch on the ops side (``tellneo.ops._kd_triton``), which hands
+:func:`kd_backward` the per-row weight ``g_lse`` of the dense part of that gradient.
 
-Only kernels and launch helpers live here (no autograd): :mod:`tellneo.ops._kd_op` calls
-:func:`triton_forward` / :func:`triton_backward`. fp32 inputs use ``input_precision="ieee"`` (no TF32), so they
-match the fp32 reference; bf16/fp16 inputs use the tensor cores with fp32 accumulation. Block sizes for CUDA are
-reasonable defaults, not tuned on hardware (no GPU was available when they were written); fp32 atomics make the
+Only kernels and launchers live here: no autograd, no argument checks, nothing imported from ``tellneo``. The
+launchers take plain tensors and Python scalars (already validated by ``tellneo.ops``) and return per-row fp32
+tensors; masking ignored rows, the ``T^2`` factor and the top-k teacher are the caller's. Divergences are passed
+as integer codes (:data:`FORWARD_KL`, :data:`REVERSE_KL`, :data:`JSD`: the positions of the names in
+``tellneo.ops.DIVERGENCES``).
+
+fp32 matmul precision (the rule shared with the LoRA kernels, :func:`tellneo.kernels.common.fp32_precision`):
+fp32 operands use ``input_precision="ieee"`` unless ``torch.backends.cuda.matmul.allow_tf32`` is set, in which
+case they use TF32 like torch's own fp32 matmuls; bf16/fp16 operands use the tensor cores with fp32
+accumulation. Block sizes for CUDA are reasonable defaults, not tuned on hardware; fp32 atomics make the
 gradients' last bits depend on scheduling.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tellneo.ops import divergences as D
-from tellneo.ops._kd_args import KDConfig, KDInputs
+from .common import fp32_precision
 
 NUM_PARTS = 9  # partial statistics per split: m_z S_z m_s S_s m_t S_t A B z_label
 # per-row statistics the forward returns for the backward: (max, log sum exp(x - max)) of the CE logits z, the
@@ -51,7 +58,9 @@ NUM_ROW_STATS = len(ROW_STATS)
 _NEG_INIT = tl.constexpr(-1.0e30)  # running-max start: finite, so exp(m_old - m_new) is 0, never nan
 _NUM_PARTS = tl.constexpr(NUM_PARTS)
 _NUM_ROW_STATS = tl.constexpr(NUM_ROW_STATS)
-_DIV_CODE = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+#: Divergence codes of the ``DIV`` constexpr / the launchers' ``divergence`` argument (the order of
+#: ``tellneo.ops.DIVERGENCES``).
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 
 
 @triton.jit
@@ -336,40 +345,42 @@ def _num_splits(n_blocks: int, vocab: int, block_v: int, device: torch.device) -
     return max(1, min(tiles, triton.cdiv(4 * sms, n_blocks)))
 
 
-def _precision(dtype: torch.dtype) -> str | None:
-    """fp32 operands: exact fp32 products ("ieee", no TF32), so fp32 inputs match the fp32 reference; half
-    types: the default (tensor cores, fp32 accumulation)."""
-    return "ieee" if dtype == torch.float32 else None
+def rows_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` with unit stride in its last dim (what the kernels' row pointers assume); a copy only if needed."""
+    return None if x is None else (x if x.stride(-1) == 1 else x.contiguous())
 
 
-def _common(inp: KDInputs, cfg: KDConfig) -> dict:
-    sh, sw = inp.student_hidden, inp.student_weight
-    th, tw = inp.teacher_hidden, inp.teacher_weight
-    dense = tw is not None
+class Head(NamedTuple):
+    """One model's ``lm_head`` as the launchers take it: logits ``softcap(logit_scale * (hidden weight^T + bias))``
+    (``softcap(x) = c tanh(x / c)``, none when ``softcap`` is None)."""
+
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None = None  # [V]
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def _common(student: Head, teacher: Head | None, temperature: float) -> dict:
+    sh, sw, sb = (rows_contiguous(x) for x in student[:3])
+    dense = teacher is not None
+    th, tw, tb = (rows_contiguous(x) for x in teacher[:3]) if dense else (None, None, None)
+    t_logit_scale, t_softcap = (teacher.logit_scale, teacher.softcap) if dense else (1.0, None)
     return dict(
-        sh_ptr=sh, sw_ptr=sw, sb_ptr=inp.student_bias if inp.student_bias is not None else sw,
+        sh_ptr=sh, sw_ptr=sw, sb_ptr=sb if sb is not None else sw,
         th_ptr=th if dense else sh, tw_ptr=tw if dense else sw,
-        tb_ptr=inp.teacher_bias if inp.teacher_bias is not None else (tw if dense else sw),
+        tb_ptr=tb if tb is not None else (tw if dense else sw),
         N=sh.shape[0], V=sw.shape[0], HS=sh.shape[1], HT=th.shape[1] if dense else 1,
         stride_sh=sh.stride(0), stride_sw=sw.stride(0),
         stride_th=th.stride(0) if dense else 0, stride_tw=tw.stride(0) if dense else 0,
-        inv_temp=1.0 / cfg.temperature, logit_scale=cfg.logit_scale,
-        softcap=cfg.softcap if cfg.softcap is not None else 1.0, t_logit_scale=cfg.teacher_logit_scale,
-        t_softcap=cfg.teacher_softcap if cfg.teacher_softcap is not None else 1.0,
-        HAS_SB=inp.student_bias is not None, HAS_TB=inp.teacher_bias is not None,
-        HAS_SOFTCAP=cfg.softcap is not None, HAS_TSOFTCAP=cfg.teacher_softcap is not None,
-        PRECISION_S=_precision(sh.dtype), PRECISION_T=_precision(th.dtype if dense else sh.dtype),
+        inv_temp=1.0 / temperature, logit_scale=student.logit_scale,
+        softcap=student.softcap if student.softcap is not None else 1.0, t_logit_scale=t_logit_scale,
+        t_softcap=t_softcap if t_softcap is not None else 1.0,
+        HAS_SB=sb is not None, HAS_TB=tb is not None,
+        HAS_SOFTCAP=student.softcap is not None, HAS_TSOFTCAP=t_softcap is not None,
+        PRECISION_S=fp32_precision(sh.dtype), PRECISION_T=fp32_precision(th.dtype if dense else sh.dtype),
         UPCAST=sh.device.type != "cuda",
     )
-
-
-def _contiguous(inp: KDInputs) -> KDInputs:
-    def c(x):
-        return None if x is None else (x if x.stride(-1) == 1 else x.contiguous())
-
-    return KDInputs(c(inp.student_hidden), c(inp.student_weight), c(inp.student_bias), c(inp.teacher_hidden),
-                    c(inp.teacher_weight), c(inp.teacher_bias), inp.labels, inp.topk_ids, inp.topk_logprobs,
-                    inp.lead_shape)
 
 
 def _combine_max(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -378,7 +389,7 @@ def _combine_max(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.
     return big_m, (s * w).sum(0), w
 
 
-def _combine(part: torch.Tensor, cfg: KDConfig, has_labels: bool, has_kd: bool, dense: bool) -> dict:
+def _combine(part: torch.Tensor, divergence: int, has_labels: bool, has_kd: bool, dense: bool) -> dict:
     """Merge per-split partial statistics [splits, 9, N] into per-row (max, log sum-exp - max) pairs (see
     :data:`ROW_STATS`), the label logit and the KL values."""
     m_z, s_z, m_s, s_s, m_t, s_t, a, b, z_lab = part.unbind(1)
@@ -395,170 +406,122 @@ def _combine(part: torch.Tensor, cfg: KDConfig, has_labels: bool, has_kd: bool, 
             out["m_t"], out["logS_t"] = big_t, torch.log(tot_t)
             # re-centre each split's sums on the global maxima (same shift as inside the kernel)
             shift = (big_t - m_t) - (big_s - m_s)
-            if cfg.divergence == "forward_kl":
+            if divergence == FORWARD_KL:
                 acc = (w_t * (a - shift * s_t)).sum(0)
                 out["value"] = acc / tot_t - torch.log(tot_t) + torch.log(tot_s)
-            elif cfg.divergence == "reverse_kl":
+            elif divergence == REVERSE_KL:
                 acc = (w_s * (b + shift * s_s)).sum(0)
                 out["value"] = acc / tot_s - torch.log(tot_s) + torch.log(tot_t)
     return out
 
 
-def gather_student_logits(inp: KDInputs, cfg: KDConfig, ids: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
-    """``transform(h_i . W[ids_ik] + b[ids_ik])`` as ``[N, k]`` fp32, rows chunked so ``[rows, k, Hs]`` stays small."""
-    sh, sw = inp.student_hidden, inp.student_weight
-    n, k = ids.shape
-    out = torch.empty(n, k, dtype=torch.float32, device=sh.device)
-    step = max(1, max_elements // max(1, k * sh.shape[1]))
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        w = sw[ids[r0:r1]].float()  # [rows, k, Hs]
-        out[r0:r1] = torch.bmm(w, sh[r0:r1].float().unsqueeze(-1)).squeeze(-1)
-    if inp.student_bias is not None:
-        out += inp.student_bias.float()[ids]
-    return D.transform_logits(out, cfg.logit_scale, cfg.softcap)
+def kd_forward(
+    student: Head,
+    teacher: Head | None,
+    labels: torch.Tensor | None,
+    *,
+    has_kd: bool,
+    divergence: int,
+    beta: float,
+    temperature: float,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Row statistics of the student's logits ``z`` and a dense teacher's ``t`` (each a :class:`Head`).
 
+    Args: ``student`` (``hidden [N, Hs]``, ``weight [V, Hs]``), ``teacher`` (``hidden [N, Ht]``, ``weight
+    [V, Ht]``) or None, ``labels [N] int64 | None``; ``has_kd``: compute the tempered student's statistics (also
+    for a sparse teacher, ``teacher`` None); ``divergence``: a code (:data:`FORWARD_KL` ...); ``temperature``
+    divides both models' logits in the KD statistics. ``N > 0``.
 
-def _centred_topk_logits(
-    inp: KDInputs, cfg: KDConfig, stats: torch.Tensor, z_ids: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sparse teacher's inputs ``(s_ids - m_s [N, k], log S_s [N])``: the tempered student logits at the top-k
-    ids and their logsumexp, both shifted by the row max ``m_s`` (the top-k math depends only on ``s - lse``)."""
-    if z_ids is None:
-        z_ids = gather_student_logits(inp, cfg, inp.topk_ids)
-    m_s = stats[:, ROW_STATS.index("m_s")]
-    return z_ids / cfg.temperature - m_s[:, None], stats[:, ROW_STATS.index("logS_s")]
-
-
-def triton_forward(inp: KDInputs, cfg: KDConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(ce [N], kd [N], stats [N, NUM_ROW_STATS])`` (fp32; 0 on ignored rows; kd includes kd_scale;
-    stats as :data:`ROW_STATS`, 0 where a part is absent)."""
-    inp = _contiguous(inp)
-    sh = inp.student_hidden
-    n, vocab = sh.shape[0], inp.student_weight.shape[0]
+    Returns ``(ce [N] | None, value [N] | None, stats [N, NUM_ROW_STATS])``, fp32: per-row CE
+    ``logsumexp(z) - z[label]`` (not masked: rows whose label matches no column give ``logsumexp(z)``), the
+    dense teacher's divergence (tempered, without ``T^2``), and the :data:`ROW_STATS` (0 where absent).
+    """
+    sh = student.hidden
+    n, vocab = sh.shape[0], student.weight.shape[0]
     dev = sh.device
-    ce = torch.zeros(n, dtype=torch.float32, device=dev)
-    kd = torch.zeros(n, dtype=torch.float32, device=dev)
     stats = torch.zeros(n, NUM_ROW_STATS, dtype=torch.float32, device=dev)
-    if n == 0:
-        return ce, kd, stats
-    has_labels = inp.labels is not None
-    dense = inp.teacher_weight is not None
-    has_kd = inp.has_teacher
-    valid = inp.labels != cfg.ignore_index if has_labels else torch.ones(n, dtype=torch.bool, device=dev)
+    has_labels = labels is not None
+    dense = teacher is not None
     blk = _blocks(dev)
     n_blocks = triton.cdiv(n, blk["BLOCK_N"])
     splits = _num_splits(n_blocks, vocab, blk["BLOCK_V"], dev)
     v_per_split = triton.cdiv(triton.cdiv(vocab, splits), blk["BLOCK_V"]) * blk["BLOCK_V"]
     splits = triton.cdiv(vocab, v_per_split)
-    common = _common(inp, cfg)
+    common = _common(student, teacher, temperature)
     part = torch.empty(splits, NUM_PARTS, n, dtype=torch.float32, device=dev)
-    labels = inp.labels if has_labels else sh
     _kd_stats_kernel[(n_blocks, splits)](
-        labels_ptr=labels, part_ptr=part, v_per_split=v_per_split,
-        HAS_LABELS=has_labels, HAS_KD=has_kd, HAS_TEACHER=dense, SAME_T=cfg.temperature == 1.0,
-        DIV=_DIV_CODE[cfg.divergence], **common, **blk,
+        labels_ptr=labels if has_labels else sh, part_ptr=part, v_per_split=v_per_split,
+        HAS_LABELS=has_labels, HAS_KD=has_kd, HAS_TEACHER=dense, SAME_T=temperature == 1.0,
+        DIV=divergence, **common, **blk,
     )
-    st = _combine(part, cfg, has_labels, has_kd, dense)
+    st = _combine(part, divergence, has_labels, has_kd, dense)
     for j, name in enumerate(ROW_STATS[:-1]):
         if name in st:
             stats[:, j] = st[name]
     aux = ROW_STATS.index("aux")
+    ce = value = None
     if has_labels:  # (m - z_label) + log S: the large parts cancel first
-        ce = torch.where(valid, (st["m_z"] - st["z_label"]) + st["logS_z"], 0.0)
-    if has_kd:
-        if dense:
-            if cfg.divergence == "jsd":
-                jpart = torch.empty(splits, 2, n, dtype=torch.float32, device=dev)
-                _kd_jsd_kernel[(n_blocks, splits)](
-                    stats_ptr=stats, part_ptr=jpart,
-                    v_per_split=v_per_split, beta=cfg.beta, log_1mb=math.log1p(-cfg.beta), log_b=math.log(cfg.beta),
-                    **common, **blk,
-                )
-                value, stats[:, aux] = jpart.sum(0).unbind(0)
-            else:
-                value = st["value"]
-                if cfg.divergence == "reverse_kl":
-                    stats[:, aux] = value
+        ce = (st["m_z"] - st["z_label"]) + st["logS_z"]
+    if has_kd and dense:
+        if divergence == JSD:
+            jpart = torch.empty(splits, 2, n, dtype=torch.float32, device=dev)
+            _kd_jsd_kernel[(n_blocks, splits)](
+                stats_ptr=stats, part_ptr=jpart,
+                v_per_split=v_per_split, beta=beta, log_1mb=math.log1p(-beta), log_b=math.log(beta),
+                **common, **blk,
+            )
+            value, stats[:, aux] = jpart.sum(0).unbind(0)
         else:
-            s_ids, lse = _centred_topk_logits(inp, cfg, stats)
-            value = D.topk_kd_per_token(s_ids, lse, inp.topk_logprobs.float(), cfg.divergence, cfg.beta)
-        kd = torch.where(valid, value * cfg.kd_scale, 0.0)
-    return ce, kd, stats
+            value = st["value"]
+            if divergence == REVERSE_KL:
+                stats[:, aux] = value
+    return ce, value, stats
 
 
-def triton_backward(
-    inp: KDInputs,
-    cfg: KDConfig,
+def kd_backward(
+    student: Head,
+    teacher: Head | None,
+    labels: torch.Tensor | None,
     stats: torch.Tensor,
     w_ce: torch.Tensor | None,
     w_kd: torch.Tensor | None,
+    g_lse: torch.Tensor | None,
     *,
+    divergence: int,
+    beta: float,
+    temperature: float,
     need_dh: bool,
     need_dw: bool,
     need_db: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``sum_i valid_i (w_ce_i ce_i + w_kd_i kd_i)``; dh/dW/db accumulated in fp32, returned in the
-    inputs' dtypes."""
-    inp = _contiguous(inp)
-    sh, sw = inp.student_hidden, inp.student_weight
-    n, vocab, hs = sh.shape[0], sw.shape[0], sh.shape[1]
+    """fp32 ``(dh [N, Hs], dW [V, Hs], db [V])`` (None where not needed) of
+    ``sum_i w_ce_i CE_i + w_kd_i D_i + g_lse_i lse(s_i)`` with respect to the student's raw logits.
+
+    ``stats``: :func:`kd_forward`'s; ``w_ce [N]`` fp32 CE weights (0 on ignored rows) or None; ``w_kd [N]`` fp32
+    weights of the dense teacher's divergence, already divided by ``T`` (the gradient is taken with respect to the
+    tempered logits) or None; ``g_lse [N]`` fp32 weight of the tempered student's ``q`` (the dense part of a
+    sparse teacher's gradient, its sparse part is the caller's) or None.
+    """
+    sh = student.hidden
+    n, vocab, hs = sh.shape[0], student.weight.shape[0], sh.shape[1]
     dev = sh.device
     dh = torch.zeros(n, hs, dtype=torch.float32, device=dev) if need_dh else None
     dw = torch.zeros(vocab, hs, dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
     if n > 0 and (need_dh or need_dw or need_db):
-        has_labels = inp.labels is not None
-        dense = inp.teacher_weight is not None
-        valid = inp.labels != cfg.ignore_index if has_labels else torch.ones(n, dtype=torch.bool, device=dev)
-        ce_grad = has_labels and w_ce is not None
-        kd_grad = inp.has_teacher and w_kd is not None
-        wce = torch.where(valid, w_ce.float(), 0.0).contiguous() if ce_grad else stats
-        wkd = (torch.where(valid, w_kd.float(), 0.0) * (cfg.kd_scale / cfg.temperature)).contiguous() if kd_grad \
-            else stats
-        glse = stats
-        topk = kd_grad and not dense
-        if topk:
-            z_ids = gather_student_logits(inp, cfg, inp.topk_ids)
-            s_ids, lse = _centred_topk_logits(inp, cfg, stats, z_ids)
-            _, g_ids, g_lse = D.topk_kd_per_token_and_grad(
-                s_ids, lse, inp.topk_logprobs.float(), cfg.divergence, cfg.beta
-            )
-            glse = (g_lse * wkd).contiguous()
-            g_ids = g_ids * wkd[:, None] * D.transform_grad_factor(z_ids, cfg.logit_scale, cfg.softcap)
         blk = _blocks(dev)
-        common = _common(inp, cfg)
+        common = _common(student, teacher, temperature)
         grid = (triton.cdiv(n, blk["BLOCK_N"]), triton.cdiv(vocab, blk["BLOCK_V"]))
-        beta = cfg.beta if cfg.divergence == "jsd" else 0.5
+        beta = beta if divergence == JSD else 0.5
         _kd_bwd_kernel[grid](
-            labels_ptr=inp.labels if has_labels else sh, stats_ptr=stats.contiguous(), wce_ptr=wce, wkd_ptr=wkd,
-            glse_ptr=glse, dh_ptr=dh if need_dh else stats, dw_ptr=dw if need_dw else stats,
+            labels_ptr=labels if labels is not None else sh, stats_ptr=stats.contiguous(),
+            wce_ptr=w_ce.contiguous() if w_ce is not None else stats,
+            wkd_ptr=w_kd.contiguous() if w_kd is not None else stats,
+            glse_ptr=g_lse.contiguous() if g_lse is not None else stats,
+            dh_ptr=dh if need_dh else stats, dw_ptr=dw if need_dw else stats,
             db_ptr=db if need_db else stats,
             beta=beta, log_1mb=math.log1p(-beta), log_b=math.log(beta),
-            CE_GRAD=ce_grad, KD_DENSE=kd_grad and dense, KD_TOPK=topk, DIV=_DIV_CODE[cfg.divergence],
+            CE_GRAD=w_ce is not None, KD_DENSE=w_kd is not None, KD_TOPK=g_lse is not None, DIV=divergence,
             NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, **common, **blk,
         )
-        if topk:
-            _scatter_topk_grads(inp, inp.topk_ids, g_ids, dh, dw, db)
-    return (
-        dh.to(sh.dtype) if dh is not None else None,
-        dw.to(sw.dtype) if dw is not None else None,
-        db.to(sw.dtype) if db is not None else None,
-    )
-
-
-def _scatter_topk_grads(inp: KDInputs, ids: torch.Tensor, g: torch.Tensor, dh, dw, db, max_elements: int = 1 << 24):
-    """The sparse part of a top-k teacher's gradient: ``dz[i, ids_ik] += g_ik`` turned into dh / dW / db."""
-    sh, sw = inp.student_hidden, inp.student_weight
-    n, k = ids.shape
-    step = max(1, max_elements // max(1, k * sh.shape[1]))
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        gi, idx = g[r0:r1], ids[r0:r1]
-        if dh is not None:
-            dh[r0:r1] += torch.bmm(gi.unsqueeze(1), sw[idx].float()).squeeze(1)
-        if dw is not None:
-            outer = gi.unsqueeze(-1) * sh[r0:r1].float().unsqueeze(1)  # [rows, k, Hs]
-            dw.index_add_(0, idx.reshape(-1), outer.reshape(-1, sh.shape[1]))
-    if db is not None:
-        db.index_add_(0, ids.reshape(-1), g.reshape(-1))
+    return dh, dw, db

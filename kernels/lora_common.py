@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tellneo._backend import triton_interpreter_enabled
+from .common import fp32_precision, interpreting
 
 
 @triton.jit
@@ -27,7 +27,8 @@ def keep_block(seed, rows, cols, n_cols, p):
 @triton.jit
 def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation. UPCAST: compute in fp32 (the Triton 3.9 interpreter's bf16
-    ``tl.dot`` is wrong); IEEE: full fp32 precision for fp32 inputs (no TF32, like torch's default)."""
+    ``tl.dot`` is wrong); IEEE: full fp32 precision for fp32 inputs (the rule of
+    :func:`tellneo.kernels.common.fp32_precision`)."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif IEEE:
@@ -61,15 +62,9 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def interpreting() -> bool:
-    return triton_interpreter_enabled()
-
-
 def dot_flags(dtype: torch.dtype) -> dict[str, bool]:
     """UPCAST / IEEE constexprs for kernels computing in ``dtype``."""
-    upcast = interpreting()
-    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    return {"UPCAST": upcast, "IEEE": ieee}
+    return {"UPCAST": interpreting(), "IEEE": fp32_precision(dtype) == "ieee"}
 
 
 def store_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from tellneo.kernels.lora_common import keep_mask, on_device
-from tellneo.kernels.lora_expand import expand_matmul
-from tellneo.kernels.lora_reduce import row_reduce
-from tellneo.kernels.lora_shrink import shrink
+from .common import dropout_keep_scale
+from .lora_common import keep_mask, on_device
+from .lora_expand import expand_matmul
+from .lora_reduce import row_reduce
+from .lora_shrink import shrink
 
 __all__ = ["forward", "backward", "keep_mask"]
 
@@ -37,7 +38,7 @@ def forward(
 
 
 def _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    keep_scale = dropout_keep_scale(dropout_p)
     xa = shrink(x, lora_A, alpha=keep_scale, dropout_p=dropout_p, seed=seed)
     if weight.shape[0] == 0:
         return x.new_empty(x.shape[0], 0), xa
@@ -71,7 +72,7 @@ def _backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_
               need_db_lora):
     dx = dw = db = da = db_lora = None
     if need_dx or need_da:
-        keep_scale = 1.0 / (1.0 - dropout_p)
+        keep_scale = dropout_keep_scale(dropout_p)
         g = shrink(dy, lora_B.t(), alpha=scaling * keep_scale)
         if need_dx:
             dx = expand_matmul(dy, weight, g, lora_A, alpha=1.0, dropout_p=dropout_p, seed=seed)

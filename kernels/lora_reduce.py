@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tellneo.kernels.lora_common import bucket, configs, dot_flags, interpreting, keep_block, mma, rank_block
+from .lora_common import bucket, configs, dot_flags, interpreting, keep_block, mma, rank_block
 
 _CONFIGS = configs(
     gpu=[

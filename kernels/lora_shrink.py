@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tellneo.kernels.lora_common import bucket, configs, dot_flags, keep_block, mma, rank_block, store_dtype
+from .lora_common import bucket, configs, dot_flags, keep_block, mma, rank_block, store_dtype
 
 _CONFIGS = configs(
     gpu=[

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tellneo.ops._kd_args import KDConfig, KDInputs
+from tellneo.ops._kd_args import KDConfig, KDInputs, valid_mask
 from tellneo.ops.divergences import compute_dtype, kd_per_token_and_grad, topk_kd_per_token_and_grad
 
 # Elements of one [chunk, V] workspace slab: 16 Mi (64 MiB in fp32); a call uses 5 slabs (up to 9 with T != 1
@@ -41,19 +41,6 @@ def chunk_rows_for(vocab: int, n: int, chunk_elements: int | None = None) -> int
     while rows < 1024 and rows * 2 * vocab <= budget:
         rows *= 2
     return max(1, min(rows, n))
-
-
-def cdtype_of(inp: KDInputs) -> torch.dtype:
-    dt = compute_dtype(inp.student_hidden.dtype)
-    if inp.teacher_hidden is not None and inp.teacher_hidden.dtype == torch.float64:
-        dt = torch.float64
-    return dt
-
-
-def valid_mask(inp: KDInputs, cfg: KDConfig) -> torch.Tensor:
-    if inp.labels is None:
-        return torch.ones(inp.student_hidden.shape[0], dtype=torch.bool, device=inp.student_hidden.device)
-    return inp.labels != cfg.ignore_index
 
 
 class _Workspace:
@@ -108,16 +95,16 @@ def _chunk(
     w_ce: torch.Tensor | None,
     w_kd: torch.Tensor | None,
     want_grad: bool,
+    valid: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """CE, KD (with kd_scale) and stats of rows [r0, r1); with ``want_grad``, also ``d(sum w_ce CE + w_kd KD)/dz``
     for the student's raw logits ``z = h W^T + b`` (``[rows, V]``, a workspace slab). A ``None`` weight means
-    zero."""
+    zero. ``valid``: the rows' :func:`~tellneo.ops._kd_args.valid_mask`."""
     cdt = ws.dtype
     h = inp.student_hidden[r0:r1]
     rows = r1 - r0
     dev = h.device
     labels = inp.labels[r0:r1] if inp.labels is not None else None
-    valid = labels != cfg.ignore_index if labels is not None else torch.ones(rows, dtype=torch.bool, device=dev)
     T = cfg.temperature
     stats = torch.zeros(rows, NUM_STATS, dtype=cdt, device=dev)
     ce = torch.zeros(rows, dtype=cdt, device=dev)
@@ -187,7 +174,7 @@ class _GradAccumulator:
 
     def __init__(self, inp: KDInputs, need_dh: bool, need_dw: bool, need_db: bool) -> None:
         sh, sw = inp.student_hidden, inp.student_weight
-        acc = torch.float64 if sw.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(sw.dtype)
         self.inp = inp
         self.dh = torch.empty_like(sh) if need_dh else None
         # empty, not zeros: the first chunk writes dW / db with out=, later chunks accumulate
@@ -236,7 +223,7 @@ def forward(
     """Per-row ``(ce [N], kd [N], stats [N, 4])`` and, when ``grad_scale`` is given and a ``need_*`` flag is set,
     the gradients ``(dh, dw, db)`` of ``grad_scale * sum_i valid_i [(1-alpha) ce_i + alpha kd_i]``."""
     n = inp.student_hidden.shape[0]
-    cdt = cdtype_of(inp)
+    cdt = inp.compute_dtype
     dev = inp.student_hidden.device
     ce = torch.zeros(n, dtype=cdt, device=dev)
     kd = torch.zeros(n, dtype=cdt, device=dev)
@@ -249,11 +236,12 @@ def forward(
         w_kd_all = (cfg.alpha * gs).expand(n) if cfg.alpha > 0.0 else None
     step = chunk_rows_for(inp.student_weight.shape[0], n, chunk_elements)
     ws = _Workspace(step, inp.student_weight.shape[0], cdt, dev)
+    valid = valid_mask(inp, cfg)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         wc = w_ce_all[r0:r1] if fused and w_ce_all is not None else None
         wk = w_kd_all[r0:r1] if fused and w_kd_all is not None else None
-        ce[r0:r1], kd[r0:r1], stats[r0:r1], dz = _chunk(inp, cfg, ws, r0, r1, wc, wk, fused)
+        ce[r0:r1], kd[r0:r1], stats[r0:r1], dz = _chunk(inp, cfg, ws, r0, r1, wc, wk, fused, valid[r0:r1])
         if fused:
             acc.add(r0, r1, dz)
     grads = acc.result() if fused else (None, None, None)
@@ -276,11 +264,12 @@ def backward(
     n = inp.student_hidden.shape[0]
     acc = _GradAccumulator(inp, need_dh, need_dw, need_db)
     step = chunk_rows_for(inp.student_weight.shape[0], n, chunk_elements)
-    ws = _Workspace(step, inp.student_weight.shape[0], cdtype_of(inp), inp.student_hidden.device)
+    ws = _Workspace(step, inp.student_weight.shape[0], inp.compute_dtype, inp.student_hidden.device)
+    valid = valid_mask(inp, cfg)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         wc = w_ce[r0:r1] if w_ce is not None else None
         wk = w_kd[r0:r1] if w_kd is not None else None
-        _, _, _, dz = _chunk(inp, cfg, ws, r0, r1, wc, wk, True)
+        _, _, _, dz = _chunk(inp, cfg, ws, r0, r1, wc, wk, True, valid[r0:r1])
         acc.add(r0, r1, dz)
     return acc.result()

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from tellneo.kernels.common import dropout_keep_scale
+
 _TWO31 = 1 << 31
 
 
@@ -71,7 +73,7 @@ def forward(
         kept_x = keep_float(x.shape[0], x.shape[1], dropout_p, seed, x.device, x.dtype).mul_(x)
         xa = kept_x.matmul(lora_A.t())
         del kept_x
-        xa.mul_(1.0 / (1.0 - dropout_p))
+        xa.mul_(dropout_keep_scale(dropout_p))
     else:
         xa = x.matmul(lora_A.t())
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x.matmul(weight.t())
@@ -100,7 +102,7 @@ def backward(
     With ``g = s/(1-p) · dy B`` (rank r, computed once and reused) and ``m`` the regenerated keep-mask:
     ``dB = s · dyᵀ xa``, ``dA = gᵀ (m⊙x)``, ``dx = dy W + m ⊙ (g A)``, ``dW = dyᵀ x``, ``db = Σ dy``.
     """
-    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+    keep_scale = dropout_keep_scale(dropout_p)
     dx = dw = db = da = db_lora = None
     if need_db_lora:
         db_lora = dy.t().matmul(xa).mul_(scaling)

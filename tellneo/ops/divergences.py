@@ -1,8 +1,13 @@
-"""Per-token distillation divergences: the one place where tellneo defines the KD math.
+"""Per-token distillation divergences: the PyTorch definition of tellneo's KD math.
 
-Every path of :func:`tellneo.ops.fused_linear_kd` uses the definitions here: the full-logits reference and the
-token-chunked PyTorch path call these functions directly; the Triton kernels (``tellneo.kernels.fused_linear_kd``)
-implement the same closed forms tile by tile (online, in fp32) and are tested against these functions.
+Every PyTorch path computes its divergences here: :func:`kd_per_token` is the definition (plain autograd-able
+formulas; the full-logits reference uses it), :func:`kd_per_token_and_grad` its closed-form value and gradient
+for the token-chunked path (in place on ``[chunk, V]`` slabs, see its docstring for how the JSD mixture is
+formed there), and the ``topk_*`` functions the same divergences over the ``k + 1`` buckets of a sparse teacher
+(used by the torch path and by the PyTorch half of the Triton backend). The Triton kernels
+(``tellneo.kernels.fused_linear_kd``) are the one other place: they evaluate the same closed forms tile by tile
+(online, in fp32). Tests hold every form to :func:`kd_per_token` and its autograd gradient. The evaluation and
+offline paths of the recipes call :func:`tellneo.ops.fused_linear_kd` / :func:`tellneo.ops.topk_logprobs`.
 
 Notation, per token (one row), over the vocabulary ``j``:
 
@@ -35,6 +40,8 @@ import math
 
 import torch
 
+#: The divergence names :func:`tellneo.ops.fused_linear_kd` accepts (public as ``tellneo.ops.DIVERGENCES``; the
+#: Triton kernels' integer codes are the positions in this tuple).
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 # log-probability used for "exactly zero probability": exp() of it is 0 in fp32 and fp64, and differences of two
@@ -58,9 +65,10 @@ def canonical_divergence(divergence: str, beta: float) -> str:
     return divergence
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types and float32, float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the KD math runs in for inputs of ``dtypes``: float64 if any is float64, else float32 (half
+    types and float32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def transform_logits(z: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
@@ -84,6 +92,10 @@ def transform_grad_factor(
 
 
 def _mixture_log_probs(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    """``log m = log((1 - beta) q + beta p)`` in log space, exact where both probabilities underflow. The top-k
+    gradient needs that: its tail term ``log Q_tail - log M_tail`` is not multiplied by ``Q_tail``, so a mixture
+    clamped at the smallest normal (the chunked path's probability-space form, harmless there because every
+    term is multiplied by ``q``) would turn a saturated tail into a large wrong gradient."""
     return torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
 
 

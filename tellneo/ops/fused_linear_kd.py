@@ -9,14 +9,15 @@ defined once, in :mod:`tellneo.ops.divergences`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from tellneo._backend import choose_backend, triton_interpreter_enabled
-from tellneo.ops import _kd_op  # noqa: F401  (registers torch.ops.tellneo.fused_linear_kd_*)
-from tellneo.ops._kd_args import SHARED, KDConfig, KDInputs, check_args
+from tellneo.ops import _kd_op  # registers torch.ops.tellneo.fused_linear_kd_*
+from tellneo.ops._kd_args import SHARED, KDConfig, KDInputs, check_args, valid_mask
 from tellneo.ops.divergences import (
     compute_dtype,
     kd_per_token,
@@ -24,7 +25,7 @@ from tellneo.ops.divergences import (
     transform_logits,
 )
 
-__all__ = ["KDLossOutput", "fused_linear_kd", "fused_linear_kd_reference"]
+__all__ = ["KDLossOutput", "fused_linear_kd", "fused_linear_kd_reference", "topk_logprobs"]
 
 
 class KDLossOutput(NamedTuple):
@@ -67,7 +68,8 @@ _DOC_ARGS = """
         teacher_bias: ``[Vt]`` or None.
         teacher_topk: ``(ids [..., k], logprobs [..., k])``: a sparse teacher (offline KD) instead of
             ``teacher_hidden``/``teacher_weight``. ``logprobs`` are used as given (compute them at the
-            distillation temperature; ``temperature`` still divides the *student's* logits). The teacher's missing
+            distillation temperature, e.g. with :func:`topk_logprobs`; ``temperature`` still divides the
+            *student's* logits). The teacher's missing
             mass ``1 - sum(exp(logprobs))`` and the student's mass outside the ids are compared as one extra
             "tail" bucket: the divergence is taken between the two ``k + 1``-bucket distributions (a proper
             divergence, a lower bound of the full one, exact when the teacher's tail is empty). Entries with
@@ -116,15 +118,9 @@ _DOC_ARGS = """
 
 def _reference_impl(inp: KDInputs, cfg: KDConfig, num_items_in_batch: Any, return_parts: bool):
     sh = inp.student_hidden
-    cdt = compute_dtype(sh.dtype)
-    if inp.teacher_hidden is not None and inp.teacher_hidden.dtype == torch.float64:
-        cdt = torch.float64
+    cdt = inp.compute_dtype
     n = sh.shape[0]
-    valid = (
-        inp.labels != cfg.ignore_index
-        if inp.labels is not None
-        else torch.ones(n, dtype=torch.bool, device=sh.device)
-    )
+    valid = valid_mask(inp, cfg)
     z = transform_logits(F.linear(sh, inp.student_weight, inp.student_bias).to(cdt), cfg.logit_scale, cfg.softcap)
     zero = torch.zeros(n, dtype=cdt, device=sh.device)
 
@@ -223,7 +219,7 @@ def _triton_unavailable(inp: KDInputs) -> str | None:
         return "CPU tensors need TRITON_INTERPRET=1"
     if sh.device.type not in ("cpu", "cuda"):
         return f"device {sh.device.type} is not supported"
-    if sh.dtype == torch.float64 or (inp.teacher_hidden is not None and inp.teacher_hidden.dtype == torch.float64):
+    if inp.compute_dtype == torch.float64:
         return "float64 is not supported by the kernels (use backend='torch')"
     try:
         import triton  # noqa: F401
@@ -232,19 +228,22 @@ def _triton_unavailable(inp: KDInputs) -> str | None:
     return None
 
 
-def _torch_unavailable(inp: KDInputs) -> str | None:
-    return None
-
-
 def _choose(inp: KDInputs, backend: str) -> str:
     return choose_backend(
         "fused_linear_kd",
         backend,
         is_cuda=inp.student_hidden.is_cuda,
-        available={"triton": lambda: _triton_unavailable(inp), "torch": lambda: _torch_unavailable(inp)},
+        available={"triton": lambda: _triton_unavailable(inp), "torch": lambda: None},
         auto_cuda=["triton", "torch"],
         auto_cpu=["torch"],
     )
+
+
+_TEACHER_FIELDS = ("teacher_hidden", "teacher_weight", "teacher_bias", "topk_logprobs")
+
+
+def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach()
 
 
 def fused_linear_kd(
@@ -318,34 +317,17 @@ def fused_linear_kd(
         teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale,
     )
     chosen = _choose(inp, backend)
-    sh = inp.student_hidden
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and student_hidden.requires_grad
     need_dw = grad_on and student_weight.requires_grad
     need_db = grad_on and student_bias is not None and student_bias.requires_grad
     fused = chosen == "torch" and cfg.reduction != "none" and (need_dh or need_dw or need_db)
 
-    cdt = torch.float64 if (sh.dtype == torch.float64 or (
-        inp.teacher_hidden is not None and inp.teacher_hidden.dtype == torch.float64)) else torch.float32
-    valid = (
-        inp.labels != cfg.ignore_index
-        if inp.labels is not None
-        else torch.ones(sh.shape[0], dtype=torch.bool, device=sh.device)
-    )
-    num_tokens = valid.sum()
-    grad_scale = _grad_scale(num_tokens, cfg, num_items_in_batch, cdt)
-
-    def _det(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.detach()
-
-    loss, ce, kd, _stats, _dh, _dw, _db = torch.ops.tellneo.fused_linear_kd_fwd(
-        sh, inp.student_weight, inp.student_bias,
-        _det(inp.teacher_hidden), _det(inp.teacher_weight), _det(inp.teacher_bias),
-        inp.labels, inp.topk_ids, _det(inp.topk_logprobs), grad_scale,
-        cfg.divergence, cfg.beta, cfg.temperature, cfg.kd_scale, cfg.alpha, cfg.ignore_index,
-        cfg.softcap, cfg.logit_scale, cfg.teacher_softcap, cfg.teacher_logit_scale, chosen, need_dh, need_dw, need_db,
-        fused,
-    )
+    num_tokens = valid_mask(inp, cfg).sum()
+    grad_scale = _grad_scale(num_tokens, cfg, num_items_in_batch, inp.compute_dtype)
+    frozen = dataclasses.replace(inp, **{name: _detached(getattr(inp, name)) for name in _TEACHER_FIELDS})
+    loss, ce, kd, _stats, _dh, _dw, _db = _kd_op.call_fwd(frozen, cfg, grad_scale, chosen, need_dh, need_dw,
+                                                         need_db, fused)
     if cfg.reduction == "none":
         loss = ((1.0 - cfg.alpha) * ce + cfg.alpha * kd).reshape(inp.lead_shape)
         ce_r, kd_r = ce.reshape(inp.lead_shape), kd.reshape(inp.lead_shape)
@@ -357,3 +339,51 @@ def fused_linear_kd(
 
 
 fused_linear_kd.__doc__ += _DOC_ARGS
+
+
+@torch.no_grad()
+def topk_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_rows: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's top-``k`` log-probabilities, the sparse teacher ``teacher_topk`` of :func:`fused_linear_kd`.
+
+    ``hidden [N, H]`` and ``weight [Vt, H]`` (same dtype and device), ``bias [Vt] | None``: the teacher's
+    ``lm_head``; its logits ``transform(hidden W^T + b)`` (``logit_scale`` then ``softcap``, as in
+    :func:`fused_linear_kd`) are divided by ``temperature`` and log-softmaxed in the compute dtype (float32;
+    float64 for float64 inputs). ``vocab_size``: keep only the first ``vocab_size`` ids (a teacher head padded
+    beyond the student's vocabulary), renormalised there, exactly as :func:`fused_linear_kd` treats a padded
+    dense teacher. Rows are processed ``chunk_rows`` at a time (``[chunk_rows, V]`` logits at most).
+
+    Returns ``(ids [N, k] int64, logprobs [N, k])``, sorted by decreasing log-probability.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"topk_logprobs: hidden must be a [N, H] tensor, got {getattr(hidden, 'shape', hidden)!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"topk_logprobs: weight must be [V, H={hidden.shape[1]}], got "
+                         f"{getattr(weight, 'shape', weight)!r}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"topk_logprobs: weight dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+    if vocab_size is not None:
+        weight = weight[:vocab_size]
+        bias = None if bias is None else bias[:vocab_size]
+    if not 0 < k <= weight.shape[0]:
+        raise ValueError(f"topk_logprobs: k must be in [1, {weight.shape[0]}] (the vocabulary), got {k}")
+    if not temperature > 0:
+        raise ValueError(f"topk_logprobs: temperature must be > 0, got {temperature}")
+    cdt = compute_dtype(hidden.dtype)
+    ids = torch.empty(hidden.shape[0], k, dtype=torch.int64, device=hidden.device)
+    lps = torch.empty(hidden.shape[0], k, dtype=cdt, device=hidden.device)
+    for a in range(0, hidden.shape[0], chunk_rows):
+        logits = transform_logits(F.linear(hidden[a : a + chunk_rows], weight, bias).to(cdt), logit_scale, softcap)
+        top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)  # sorted, largest first
+        ids[a : a + chunk_rows], lps[a : a + chunk_rows] = top.indices, top.values
+    return ids, lps

@@ -2,8 +2,9 @@
 
 * :func:`distill_metrics` — on held-out packed rows: the student's cross-entropy, the KL from the teacher
   (``KL(p_teacher || q_student)`` per trained token) and top-1 agreement with the teacher, plus the teacher's own
-  CE for reference. Nothing of size ``[tokens, vocab]`` is kept: the losses come from
-  :func:`tellneo.ops.fused_linear_kd` and the arg-maxes from token chunks.
+  CE for reference. Nothing of size ``[tokens, vocab]`` is kept: CE, KL and teacher CE are
+  :func:`tellneo.ops.fused_linear_kd` with ``reduction="sum"`` (the same math as the training loss), the
+  arg-maxes come from token chunks.
 * :func:`task_accuracy` — greedy generation on prompt/response pairs and exact-match scoring (TELL).
 * :func:`eval_batches` — held-out rows of a :class:`tellneo.data.PackedDataset` as model inputs.
 """
@@ -42,22 +43,22 @@ def eval_batches(dataset: Any, batch_size: int, *, extra: Callable[[Sequence[int
 
 def _dense_sums(sh: torch.Tensor, student: OutputHead, th: torch.Tensor, teacher: OutputHead, labels: torch.Tensor,
                 temperature: float, chunk: int) -> dict[str, float]:
-    """Sums over rows of CE, KL(teacher || student), top-1 agreement and teacher CE, from ``[chunk, V]`` logits
-    (each model's own, final-logit transform included)."""
+    """Sums over rows of CE, KL(teacher || student) and teacher CE (from :func:`tellneo.ops.fused_linear_kd`, each
+    model's own final-logit transform included; a padded teacher head is compared on the shared ids, as in
+    training) and top-1 agreement (arg-maxes of ``[chunk, V]`` logits)."""
     vocab = student.weight.shape[0]
-    sums = dict.fromkeys(("ce", "kl", "agree", "teacher_ce"), 0.0)
+    out = fused_linear_kd(sh, student.weight, th, teacher.weight, labels, student_bias=student.bias,
+                          teacher_bias=teacher.bias, divergence="forward_kl", temperature=temperature, alpha=0.5,
+                          reduction="sum", return_parts=True,
+                          **kd_transform_kwargs(student.transform, teacher.transform))
+    teacher_ce = fused_linear_kd(th, teacher.weight, None, None, labels, student_bias=teacher.bias, alpha=0.0,
+                                 reduction="sum", **kd_transform_kwargs(teacher.transform))
+    agree = 0.0
     for a in range(0, sh.shape[0], chunk):
         z = head_logits(student, sh[a : a + chunk])
-        u_full = head_logits(teacher, th[a : a + chunk])
-        u = u_full[:, :vocab]  # a padded teacher head is compared on the shared ids, as in training
-        lab = labels[a : a + chunk, None]
-        sums["ce"] += float((torch.logsumexp(z, -1) - z.gather(1, lab)[:, 0]).sum())
-        sums["teacher_ce"] += float((torch.logsumexp(u_full, -1) - u_full.gather(1, lab)[:, 0]).sum())
-        log_q = torch.log_softmax(z / temperature, -1)
-        log_p = torch.log_softmax(u / temperature, -1)
-        sums["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
-        sums["agree"] += float((z.argmax(-1) == u.argmax(-1)).sum())
-    return sums
+        u = head_logits(teacher, th[a : a + chunk])[:, :vocab]
+        agree += float((z.argmax(-1) == u.argmax(-1)).sum())
+    return {"ce": float(out.ce), "kl": float(out.kd), "agree": agree, "teacher_ce": float(teacher_ce)}
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from torch import nn
 from tellneo.data import PackedCollator
 from tellneo.io import atomic_save_npz, prepare_run_dir
 from tellneo.recipes.common import output_head, teacher_hidden_state
-from tellneo.recipes.head import head_logits, head_transform, read_head
+from tellneo.ops import topk_logprobs
+from tellneo.recipes.head import head_transform, kd_transform_kwargs, read_head
 
 __all__ = ["TopkCollator", "TopkDataset", "dataset_fingerprint", "precompute_teacher_topk"]
 
@@ -68,22 +68,15 @@ def _shard_path(root: Path, epoch: int, shard: int) -> Path:
 def _topk_rows(teacher: nn.Module, batch: dict[str, torch.Tensor], k: int, temperature: float, chunk: int,
                vocab_size: int | None) -> tuple[np.ndarray, np.ndarray]:
     head = read_head(teacher)
-    if vocab_size is not None:  # a padded teacher head: shared ids only, renormalised (as the fused loss does)
-        head = replace(head, weight=head.weight[:vocab_size],
-                       bias=None if head.bias is None else head.bias[:vocab_size])
     inputs = {key: batch[key].to(head.weight.device) for key in ("input_ids", "position_ids")}
     hidden = teacher_hidden_state(teacher, inputs)  # [B, T, H]
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    ids = torch.empty(flat.shape[0], k, dtype=torch.int32)
-    lps = torch.empty(flat.shape[0], k, dtype=torch.float32)
-    for a in range(0, flat.shape[0], chunk):
-        logits = head_logits(head, flat[a : a + chunk]) / temperature  # the teacher's own transform first
-        logprobs = torch.log_softmax(logits, dim=-1)
-        top = logprobs.topk(k, dim=-1)  # sorted, largest first
-        ids[a : a + chunk] = top.indices.to(torch.int32).cpu()
-        lps[a : a + chunk] = top.values.cpu()
+    flat = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
+    # a padded teacher head (vocab_size given): shared ids only, renormalised, as the fused loss does online
+    ids, lps = topk_logprobs(flat, head.weight, k, bias=head.bias, temperature=temperature, vocab_size=vocab_size,
+                             chunk_rows=chunk, **kd_transform_kwargs(head.transform))
     shape = (*hidden.shape[:2], k)
-    return ids.reshape(shape).numpy(), lps.reshape(shape).numpy()
+    return (ids.to(torch.int32).cpu().reshape(shape).numpy(),
+            lps.to(torch.float32).cpu().reshape(shape).numpy())
 
 
 def precompute_teacher_topk(
