@@ -1,10 +1,10 @@
 """The ``json_record`` task: a short invoice note with distractors -> one JSON object with fixed keys.
 
 Modelled on the TELL paper's Halu-CoT-JSON task (structured JSON output scored for validity and content). A
-note of one to three sentences names a customer, an invoice date, a total and a payment status, and always
-carries distractors: a reference/order number written before any amount (so the first number is never the
-total), a second date that is not the invoice date (order, delivery, due or reminder date; it comes first in
-about a third of the notes), and often a fee, deposit or item count, or a second person (the clerk). The answer
+note of one to four short sentences names a customer, an invoice date, a total and a payment status, and always
+carries distractors: a reference/order number (the first number in a note is never the total), a second date
+that is not the invoice date (order, delivery, due or reminder date; it comes first in about half of the
+notes), and often a fee, deposit or item count, or a second person (the clerk). The answer
 is ``{"name": str, "date": "YYYY-MM-DD", "amount": number, "status": "paid" | "pending" | "refunded"}``.
 
 Scoring (:func:`record_metrics`), decided here and tested:
