@@ -107,7 +107,7 @@ def _note_and_record(rng: random.Random) -> tuple[dict[str, str], float]:
     clause, sentence, lead, later = rng.choice(_OTHER_DATES)
     other = issued + dt.timedelta(days=rng.randint(3, 60) * (1 if later else -1))
     cents = rng.choice((rng.randint(5, 400) * 100, rng.randint(500, 499_999)))
-    fee_cents = rng.randint(1, 40) * 100 + rng.choice((0, 50, 95, 99))
+    fee_cents = min(rng.randint(1, 40) * 100 + rng.choice((0, 50, 95, 99)), max(cents // 5, 100))  # < the total
     status = rng.choice(STATUSES)
     ref = rng.choice(_REF).format(n=rng.randint(100, 99_999))
     amount, fee, items = _money(cents, rng), _money(fee_cents, rng), rng.randint(2, 12)

@@ -101,6 +101,9 @@ def _dates_in(text: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+_MONEY = re.compile(r"\$[\d,]+(?:\.\d\d)?|USD [\d,]+\.\d\d|\b[\d,]+\.\d\d USD|\b\d+ dollars")
+
+
 def test_records_follow_the_schema_and_the_notes_carry_distractors():
     pairs = JSON_RECORD.pairs(2000, seed=0, split="test")
     first_date_is_invoice = 0
@@ -116,6 +119,8 @@ def test_records_follow_the_schema_and_the_notes_carry_distractors():
         numbers = re.findall(r"\d[\d,]*(?:\.\d+)?", p["prompt"])
         assert float(numbers[0].replace(",", "")) != rec["amount"], p["prompt"]  # copying the first number fails
         assert len(p["prompt"]) < 400  # a short note
+        money = [float(re.sub(r"[^\d.]", "", m)) for m in _MONEY.findall(p["prompt"])]
+        assert rec["amount"] in money and max(money) == rec["amount"], p["prompt"]  # fees, deposits: smaller
     assert 0.3 < first_date_is_invoice / len(pairs) < 0.7  # "take the first date" is no rule either
     statuses = [json.loads(p["response"])["status"] for p in pairs]
     assert all(0.25 < statuses.count(s) / len(statuses) < 0.42 for s in jr.STATUSES)
