@@ -1,10 +1,11 @@
 """The NEO distillation run behind ``tellneo distill``: load the teacher, build (or load) the student, tokenize and
-pack general instruction data, evaluate, train with :class:`tellneo.recipes.neo.NeoTrainer`, evaluate again and
+pack general instruction data, evaluate, train with :class:`tellneo.recipes.neo.KDTrainer`, evaluate again and
 write the run directory (see :mod:`tellneo.recipes.training`).
 
-``run_distill(DistillConfig(...))`` is the Python entry point; every field has the CLI flag of the same name. The
-arms of the NEO experiments are configurations of it: ``mode="lora", alpha=0`` (plain LoRA SFT), ``mode="lora"``
-(NEO), ``mode="full"`` (full-parameter KD) and ``mode="full", alpha=0`` (full-parameter CE).
+``run_distill(DistillConfig(...))`` is the Python entry point; ``tellneo distill`` builds its config from the flags
+(:func:`tellneo.commands.distill.config_from_args`), and a preset means the same from both. The arms of the NEO
+experiments are configurations of it: ``mode="lora", kd=KDSettings(alpha=0)`` (plain LoRA SFT), ``mode="lora"``
+(NEO), ``mode="full"`` (full-parameter KD) and ``mode="full", kd=KDSettings(alpha=0)`` (full-parameter CE).
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ import torch
 
 from tellneo.data.planning import MAX_SEQ_LEN
 from tellneo.io import file_sha256, lock_run_dir
-from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
-from tellneo.recipes.neo import NEO_PRESET, KDSettings, NeoTrainer, build_student, check_compatible, parse_layers
+from tellneo.recipes.config import accepts_flat_names
+from tellneo.recipes.errors import RecipeError
+from tellneo.recipes.lora import LoraSettings, attach_lora
+from tellneo.recipes.model_parts import count_parameters, float_copy
+from tellneo.recipes.neo import KDTrainer, build_student, check_compatible, parse_layers
+from tellneo.recipes.settings import MODES, KDSettings, NeoPreset
+from tellneo.recipes.settings import PRESETS as PRESET_SETTINGS
 from tellneo.recipes.outputs import (
     OUTPUT_OPTIONS,
     STUDENT_BASE,
@@ -41,19 +47,46 @@ from tellneo.recipes.training import (
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["DistillConfig", "load_distilled_student", "run_distill"]
+__all__ = ["MODES", "PRESETS", "DistillConfig", "get_preset", "load_distilled_student", "run_distill"]
 
-PRESETS = ("default", "neo")
+PRESETS = tuple(PRESET_SETTINGS)  # the preset names (the settings: tellneo.recipes.neo.PRESETS)
 MIN_EVAL_KEPT = 0.5  # refuse a held-out set that loses more than half its records to --seq-len
 
 
+def _from_flat_names(flat: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """The keywords of the former flat config (``lora_r=8, alpha=0.9, ...``) as ``lora`` / ``kd`` settings
+    resolved against the preset, the way the former config resolved them."""
+    preset = get_preset(kwargs.get("preset", "default"))
+    lora_names = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "fused_lora": "patch"}
+    lora = {lora_names[k]: v for k, v in flat.items() if k in lora_names}
+    kd = {k: v for k, v in flat.items() if k not in lora_names}
+    try:
+        if lora:
+            if kwargs.get("lora") is not None:
+                raise TypeError("DistillConfig: give lora= or the former lora_r/lora_alpha/lora_dropout/fused_lora")
+            kwargs["lora"] = preset.lora_with(**lora)
+        if kd:
+            if kwargs.get("kd") is not None:
+                raise TypeError("DistillConfig: give kd= or the former alpha/temperature/divergence/beta")
+            kwargs["kd"] = preset.kd.replace(**kd)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+@accepts_flat_names(("lora_r", "lora_alpha", "lora_dropout", "fused_lora", "alpha", "temperature", "divergence",
+                     "beta"), _from_flat_names)
 @dataclass
 class DistillConfig:
     """Everything a distillation run depends on (also its manifest: a different config is a different run).
 
-    ``None`` loss/LoRA/optimiser fields take the preset's value: ``preset="default"`` is LoRA rank 16, alpha 32,
-    dropout 0.05, KD weight 0.5, forward KL, T = 1, lr 1e-3 (a short CPU run); ``preset="neo"`` is
-    :data:`tellneo.recipes.neo.NEO_PRESET` (rank 64, alpha 128, dropout 0, lr 2e-4, cosine, 10% warm-up).
+    ``preset`` (:data:`tellneo.recipes.neo.PRESETS`) decides every setting left unset: ``lora`` / ``kd`` given as
+    ``None`` are the preset's, and so are the ``None`` fields of ``train`` (learning rate, schedule, warm-up,
+    epochs; :meth:`resolve`). ``preset="default"`` is LoRA rank 16, alpha 32, dropout 0.05, KD weight 0.5, forward
+    KL, T = 1, lr 1e-3 (a short CPU run); ``preset="neo"`` is :data:`tellneo.recipes.neo.NEO_PRESET` (rank 64,
+    alpha 128, dropout 0, lr 2e-4, cosine, 10% warm-up). To change one field of a preset's settings, pass e.g.
+    ``lora=NEO_PRESET.lora_with(r=8)``. ``tellneo distill --preset P`` builds the same settings
+    (:func:`tellneo.commands.distill.config_from_args`). The former flat keywords (``lora_r``, ``alpha``, ...) are
+    still accepted, with a DeprecationWarning.
     """
 
     teacher: str | None = None  # GGUF file or HF directory; None = the embedded SmolLM2-135M-Instruct
@@ -63,47 +96,26 @@ class DistillConfig:
     max_samples: int | None = 1200
     eval_samples: int = 24
     seq_len: int = 512
-    mode: str = "lora"  # "lora" or "full"
+    mode: str = "lora"  # one of MODES
     preset: str = "default"
-    lora_r: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float | None = None
-    fused_lora: bool = True
-    alpha: float | None = None
-    temperature: float | None = None
-    divergence: str | None = None
-    beta: float = 0.5
+    lora: LoraSettings | None = None  # None = the preset's (mode "lora" only)
+    kd: KDSettings | None = None  # None = the preset's
     offline_topk: int = 0  # > 0: precompute the teacher's top-k once and train without the teacher
     eval_batch_size: int = 4
     save_merged: bool = False  # also OUTPUT/merged: the adapter merged in (lora mode)
     merged_dtype: str = "fp32"  # dtype of merged/ and model.gguf: fp32, bf16 or fp16
     save_gguf: bool = False  # also OUTPUT/model.gguf (tellneo.export.export_gguf)
     output_dir: str = "outputs/distill"
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=24))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(max_steps=24))  # None fields: the preset's
 
-    def resolved(self) -> tuple[LoraSettings, KDSettings]:
-        if self.preset not in PRESETS:
-            raise RecipeError(f"preset must be one of {PRESETS}, got {self.preset!r}")
-        if self.mode not in ("lora", "full"):
-            raise RecipeError(f"mode must be 'lora' or 'full', got {self.mode!r}")
-        base_lora = NEO_PRESET.lora if self.preset == "neo" else LoraSettings()
-        base_kd = NEO_PRESET.kd if self.preset == "neo" else KDSettings()
-        try:
-            lora = LoraSettings(
-                r=self.lora_r if self.lora_r is not None else base_lora.r,
-                alpha=self.lora_alpha if self.lora_alpha is not None else (
-                    2.0 * self.lora_r if self.preset == "neo" and self.lora_r is not None else base_lora.alpha),
-                dropout=self.lora_dropout if self.lora_dropout is not None else base_lora.dropout,
-                patch=self.fused_lora,
-            )
-            kd = KDSettings(
-                alpha=self.alpha if self.alpha is not None else base_kd.alpha,
-                temperature=self.temperature if self.temperature is not None else base_kd.temperature,
-                divergence=self.divergence or base_kd.divergence,
-                beta=self.beta,
-            )
-        except ValueError as exc:
-            raise RecipeError(str(exc)) from None
+    def resolve(self) -> tuple[LoraSettings, KDSettings, TrainSettings]:
+        """``(lora, kd, train)`` with everything left unset taken from the preset; RecipeError for a bad config."""
+        preset = get_preset(self.preset)
+        if self.mode not in MODES:
+            raise RecipeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        lora = self.lora if self.lora is not None else preset.lora
+        kd = self.kd if self.kd is not None else preset.kd
+        train = self.train.resolve(preset.train_defaults())
         if not 16 <= self.seq_len <= MAX_SEQ_LEN:
             raise RecipeError(f"seq-len must be in [16, {MAX_SEQ_LEN}], got {self.seq_len}")
         if self.eval_samples <= 0:
@@ -111,17 +123,32 @@ class DistillConfig:
         if self.offline_topk < 0:
             raise RecipeError(f"offline-topk must be >= 0, got {self.offline_topk}")
         check_output_options(self.merged_dtype)
+        return lora, kd, train
+
+    def resolved(self) -> tuple[LoraSettings, KDSettings]:
+        """``(lora, kd)`` of :meth:`resolve`."""
+        lora, kd, _ = self.resolve()
         return lora, kd
 
     def manifest(self) -> dict[str, Any]:
-        lora, kd = self.resolved()
+        """The run's identity: every setting resolved (so ``preset="neo"`` from Python and ``--preset neo`` from
+        the CLI are one run), without where and what to save."""
+        lora, kd, train = self.resolve()
         d = asdict(self)
         for name in ("output_dir", *OUTPUT_OPTIONS):  # where and what to save does not change the run
             d.pop(name)
-        d["resolved_lora"] = lora.to_dict() if self.mode == "lora" else None
-        d["resolved_kd"] = asdict(kd)
+        d["lora"] = lora.to_dict() if self.mode == "lora" else None
+        d["kd"] = asdict(kd)
+        d["train"] = train.to_dict()
         d["data_sha256"] = file_sha256(self.data)  # the file's contents: --resume refuses changed data
         return d
+
+
+def get_preset(name: str) -> NeoPreset:
+    """The preset called ``name`` (:data:`tellneo.recipes.neo.PRESETS`); RecipeError naming the choices."""
+    if name not in PRESET_SETTINGS:
+        raise RecipeError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return PRESET_SETTINGS[name]
 
 
 def _load_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
@@ -220,10 +247,10 @@ def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = 
     from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
 
     t_start = time.perf_counter()
-    lora, kd = cfg.resolved()
+    lora, kd, train = cfg.resolve()
     manifest = cfg.manifest()
     out = Path(cfg.output_dir)
-    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
+    args = train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
     state = PartialState()
     if state.is_main_process:
         check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
@@ -236,7 +263,7 @@ def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = 
     with StageBar(5, "preparing", enabled=progress) as stage:
         stage("reading data")
         records, source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
-        train_records, eval_records = split_records(records, cfg.eval_samples, cfg.train.seed)
+        train_records, eval_records = split_records(records, cfg.eval_samples, train.seed)
 
         t0 = time.perf_counter()
         stage("loading the teacher")
@@ -257,10 +284,10 @@ def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = 
         dropped = check_kept(len(train_records), len(train_store), len(eval_records), len(eval_store), cfg.seq_len)
         stage("packing")
         pad_id = tokenizer.pad_token_id or 0
-        train_ds = PackedDataset(train_store, cfg.seq_len, seed=cfg.train.seed, shuffle=True, pad_id=pad_id)
+        train_ds = PackedDataset(train_store, cfg.seq_len, seed=train.seed, shuffle=True, pad_id=pad_id)
         eval_ds = PackedDataset(eval_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
-        global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
-        if train_ds.steps_per_epoch(cfg.train.batch_size * cfg.train.grad_accum, state.num_processes) == 0:
+        global_batch = train.batch_size * train.grad_accum * state.num_processes
+        if train_ds.steps_per_epoch(train.batch_size * train.grad_accum, state.num_processes) == 0:
             raise RecipeError(f"the training data packs into {len(train_ds)} rows of {cfg.seq_len} tokens, fewer "
                               f"than one global batch ({global_batch} rows): add data or lower "
                               "--batch-size/--grad-accum")
@@ -274,7 +301,7 @@ def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = 
     dataset, collator, extra = train_ds, PackedCollator("rows"), None
     if cfg.offline_topk > 0 and kd.alpha > 0:
         t0 = time.perf_counter()
-        epochs = list(range(_epochs_needed(cfg.train, len(train_ds), global_batch)))
+        epochs = list(range(_epochs_needed(train, len(train_ds), global_batch)))
         with state.main_process_first():
             if state.is_main_process:
                 precompute_teacher_topk(teacher, train_ds, out / "teacher_topk" / "train", k=cfg.offline_topk,
@@ -301,7 +328,7 @@ def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = 
     before = evaluate(student, "before", teacher_cache)
     timings["eval_before_s"] = time.perf_counter() - t0
 
-    set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
+    set_seed(train.seed)  # LoRA initialisation: the same run gives the same adapters
     if cfg.mode == "lora":
         student_info["base"] = _save_student_base(cfg, student, tokenizer, out, is_main=state.is_main_process)
         model = attach_lora(student, lora)
@@ -309,8 +336,8 @@ def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = 
         model = student.requires_grad_(True)
     trainable, total = count_parameters(model)
 
-    trainer = NeoTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, teacher=teacher,
-                         kd=kd, callbacks=[MetricsJsonlCallback(out / METRICS)])
+    trainer = KDTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, teacher=teacher,
+                        kd=kd, callbacks=[MetricsJsonlCallback(out / METRICS)])
     t0 = time.perf_counter()
     train_output, interrupted = run_training(trainer, resume_from)
     timings["train_s"] = time.perf_counter() - t0
@@ -349,7 +376,7 @@ def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = 
         "steps": trainer.state.global_step, "global_batch_rows": global_batch, "seq_len": cfg.seq_len,
         "trained_tokens_per_epoch": int((train_store.labels != -100).sum()),
         "lora": lora.to_dict() if cfg.mode == "lora" else None, "kd": asdict(kd),
-        "learning_rate": cfg.train.learning_rate, "trainable_parameters": trainable, "total_parameters": total,
+        "learning_rate": train.learning_rate, "trainable_parameters": trainable, "total_parameters": total,
         "before": before, "after": after,
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "last_loss": train_rows[-1]["loss"] if train_rows else None,

@@ -5,7 +5,7 @@ prompt in front of every task sample and spreading the samples through a much la
 jsonl) + general instruction data + anchor prompt -> chat-template tokenization with response-only labels ->
 :func:`tellneo.data.tell_mix_store` and a :class:`tellneo.data.PackedDataset` with ``shuffle=False`` (the rows
 keep the mixed order, read sequentially by the trainer) -> LoRA (default) or full fine-tuning with the fused CE
-loss (:class:`tellneo.recipes.neo.NeoTrainer` with ``alpha=0``) -> exact-match accuracy of greedy answers on a
+loss (:class:`tellneo.recipes.neo.KDTrainer` with ``alpha=0``) -> exact-match accuracy of greedy answers on a
 held-out test split, before and after.
 
 Arms of the TELL experiments are configurations of it:
@@ -29,7 +29,11 @@ import numpy as np
 
 from tellneo.data.planning import MAX_SEQ_LEN
 from tellneo.io import file_sha256, lock_run_dir
-from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
+from tellneo.recipes.config import accepts_flat_names
+from tellneo.recipes.errors import RecipeError
+from tellneo.recipes.lora import LoraSettings, attach_lora
+from tellneo.recipes.model_parts import count_parameters, float_copy
+from tellneo.recipes.settings import MODES, TELL_METHODS, TELL_SPREADS, TELL_TRAIN_DEFAULTS
 from tellneo.recipes.outputs import OUTPUT_OPTIONS, check_gguf_export, check_output_options
 from tellneo.recipes.training import (
     CHECKPOINTS,
@@ -43,14 +47,32 @@ from tellneo.recipes.training import (
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["TellConfig", "build_tell_dataset", "run_tell", "task_exposure"]
+__all__ = ["METHODS", "SPREADS", "TellConfig", "build_tell_dataset", "run_tell", "task_data", "task_exposure"]
 
-METHODS = ("tell", "sft")
+METHODS = TELL_METHODS
+SPREADS = TELL_SPREADS
 
 
+def _from_flat_names(flat: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """The keywords of the former flat config (``lora_r=8, fused_lora=False, ...``) as ``lora`` settings."""
+    if kwargs.get("lora") is not None:
+        raise TypeError("TellConfig: give lora= or the former lora_r/lora_alpha/lora_dropout/fused_lora")
+    names = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "fused_lora": "patch"}
+    try:
+        kwargs["lora"] = LoraSettings().replace(**{names[k]: v for k, v in flat.items()})
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+@accepts_flat_names(("lora_r", "lora_alpha", "lora_dropout", "fused_lora"), _from_flat_names)
 @dataclass
 class TellConfig:
-    """Everything a TELL run depends on (its manifest). See the module docstring for the arms."""
+    """Everything a TELL run depends on (its manifest). See the module docstring for the arms.
+
+    ``lora``: the adapters (mode ``"lora"``); the ``None`` fields of ``train`` (learning rate, schedule, warm-up,
+    epochs) are :data:`tellneo.recipes.settings.TELL_TRAIN_DEFAULTS` (:meth:`resolve`). The former flat keywords
+    (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``fused_lora``) are still accepted, with a DeprecationWarning.
+    """
 
     model: str | None = None  # GGUF file or HF directory; None = the embedded SmolLM2-135M-Instruct
     task: str = "date_iso"  # a generated task (tellneo.data.tasks), used when task_file is None
@@ -67,30 +89,28 @@ class TellConfig:
     general_samples: int | None = 48
     seq_len: int = 512
     window: int = 64  # packing window (samples) that keeps the mixed order
-    mode: str = "lora"
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    fused_lora: bool = True
+    mode: str = "lora"  # one of MODES
+    lora: LoraSettings = field(default_factory=LoraSettings)
     max_new_tokens: int = 16
     eval_batch_size: int = 20
     save_merged: bool = False  # also OUTPUT/merged: the adapter merged in (lora mode)
     merged_dtype: str = "fp32"  # dtype of merged/ and model.gguf: fp32, bf16 or fp16
     save_gguf: bool = False  # also OUTPUT/model.gguf (tellneo.export.export_gguf)
     output_dir: str = "outputs/tell"
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=-1, epochs=1.0))
+    train: TrainSettings = field(default_factory=TrainSettings)  # None fields: TELL_TRAIN_DEFAULTS
 
     @property
     def anchored(self) -> bool:
         return self.use_anchor if self.use_anchor is not None else self.method == "tell"
 
-    def validate(self) -> LoraSettings:
+    def resolve(self) -> tuple[LoraSettings, TrainSettings]:
+        """``(lora, train)`` with the training settings left unset filled in; RecipeError for a bad config."""
         if self.method not in METHODS:
-            raise RecipeError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.mode not in ("lora", "full"):
-            raise RecipeError(f"mode must be 'lora' or 'full', got {self.mode!r}")
-        if self.spread not in ("stratified", "random", "end"):
-            raise RecipeError(f"spread must be stratified, random or end, got {self.spread!r}")
+            raise RecipeError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.mode not in MODES:
+            raise RecipeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.spread not in SPREADS:
+            raise RecipeError(f"spread must be one of {', '.join(SPREADS)}, got {self.spread!r}")
         if not 0.0 < self.task_ratio < 1.0:
             raise RecipeError(f"task-ratio must be in (0, 1), got {self.task_ratio}")
         for name in ("task_samples", "test_samples", "seq_len", "max_new_tokens", "eval_batch_size"):
@@ -101,24 +121,29 @@ class TellConfig:
         if self.seq_len > MAX_SEQ_LEN:
             raise RecipeError(f"seq-len must be at most {MAX_SEQ_LEN}, got {self.seq_len}")
         check_output_options(self.merged_dtype)
-        try:
-            return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                                patch=self.fused_lora)
-        except ValueError as exc:
-            raise RecipeError(str(exc)) from None
+        return self.lora, self.train.resolve(TELL_TRAIN_DEFAULTS)
+
+    def validate(self) -> LoraSettings:
+        """The LoRA settings of :meth:`resolve` (the former name)."""
+        return self.resolve()[0]
 
     def manifest(self) -> dict[str, Any]:
+        """The run's identity: every setting resolved, without where and what to save."""
+        lora, train = self.resolve()
         d = asdict(self)
         for name in ("output_dir", *OUTPUT_OPTIONS):  # where and what to save does not change the run
             d.pop(name)
+        d["lora"] = lora.to_dict() if self.mode == "lora" else None
+        d["train"] = train.to_dict()
         d["anchored"] = self.anchored
         # the files' contents: --resume refuses changed data
         d["data_sha256"] = {k: file_sha256(getattr(self, k)) for k in ("task_file", "test_file", "general")}
         return d
 
 
-def _task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
-    """``(train pairs, test pairs, anchor text, score function, description)``."""
+def task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
+    """``(train pairs, test pairs, anchor text, score function, description)`` of ``cfg``'s task (a generated
+    task split by ``cfg.train.seed``, or ``task_file`` / ``test_file``); RecipeError for unusable task data."""
     from tellneo.data.files import read_records
     from tellneo.data.tasks import Task, get_task
 
@@ -148,6 +173,9 @@ def _task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
     if cfg.anchored and cfg.anchor is None:
         raise RecipeError("TELL needs an anchor prompt for a task file: give --anchor / --anchor-file (or --no-anchor)")
     return train, test, cfg.anchor or "", Task.score, f"{cfg.task_file} ({len(train)} train / {len(test)} test)"
+
+
+_task_data = task_data  # the former, private name (benchmarks imported it)
 
 
 def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConfig, pad_id: int, *,
@@ -243,7 +271,7 @@ def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False,
     from tellneo.data import PackedCollator
     from tellneo.models import check_model_path, load_causal_lm
     from tellneo.recipes.evaluate import task_accuracy
-    from tellneo.recipes.neo import KDSettings, NeoTrainer
+    from tellneo.recipes.neo import KDSettings, KDTrainer
     from tellneo.recipes.records import general_records, tokenize
     from tellneo.recipes.reporting import (
         StageBar,
@@ -256,9 +284,9 @@ def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False,
     from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
 
     t_start = time.perf_counter()
-    lora = cfg.validate()
+    lora, train = cfg.resolve()
     out = Path(cfg.output_dir)
-    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
+    args = train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
     state = PartialState()
     manifest = cfg.manifest()
     if state.is_main_process:
@@ -270,7 +298,7 @@ def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False,
     machine_start = machine_state()
     with StageBar(4, "preparing", enabled=progress) as stage:
         stage("reading data")
-        train_pairs, test_pairs, anchor, score, task_source = _task_data(cfg)  # bad data fails before loading
+        train_pairs, test_pairs, anchor, score, task_source = task_data(cfg)  # bad data fails before loading
         general, general_source = general_records(cfg.general, cfg.general_samples) if cfg.method == "tell" \
             else (None, None)
 
@@ -297,7 +325,7 @@ def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False,
             logger.warning(f"--seq-len {cfg.seq_len}: {overlong['general_records_dropped']} longer general records "
                            f"dropped, {overlong['task_samples_truncated']} longer task samples truncated")
         stage("mixing and packing")
-        global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
+        global_batch = train.batch_size * train.grad_accum * state.num_processes
         dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0,
                                      min_rows=global_batch)
         if dataset.steps_per_epoch(global_batch) == 0:
@@ -320,11 +348,11 @@ def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False,
     before = accuracy(model, "before")
     timings["eval_before_s"] = time.perf_counter() - t0
 
-    set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
+    set_seed(train.seed)  # LoRA initialisation: the same run gives the same adapters
     model = attach_lora(model, lora) if cfg.mode == "lora" else model.requires_grad_(True)
     trainable, total = count_parameters(model)
-    trainer = NeoTrainer(model=model, args=args, train_dataset=dataset, data_collator=PackedCollator("rows"),
-                         teacher=None, kd=KDSettings(alpha=0.0), callbacks=[MetricsJsonlCallback(out / METRICS)])
+    trainer = KDTrainer(model=model, args=args, train_dataset=dataset, data_collator=PackedCollator("rows"),
+                        teacher=None, kd=KDSettings(alpha=0.0), callbacks=[MetricsJsonlCallback(out / METRICS)])
     t0 = time.perf_counter()
     train_output, interrupted = run_training(trainer, resume_from)
     timings["train_s"] = time.perf_counter() - t0
@@ -357,7 +385,7 @@ def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False,
         "test_pairs": len(test_pairs), "steps": trainer.state.global_step,
         "global_batch_rows": global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": len(dataset),
         "exposure": exposure, "trainable_parameters": trainable, "total_parameters": total,
-        "lora": lora.to_dict() if cfg.mode == "lora" else None, "learning_rate": cfg.train.learning_rate,
+        "lora": lora.to_dict() if cfg.mode == "lora" else None, "learning_rate": train.learning_rate,
         "before": {k: before[k] for k in ("accuracy", "correct", "n")},
         "after": {k: after[k] for k in ("accuracy", "correct", "n")},
         "examples_after": after["examples"],

@@ -29,7 +29,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from tellneo.io import atomic_write_text, to_json
-from tellneo.recipes.common import RecipeError
+from tellneo.recipes.errors import RecipeError
 
 logger = logging.getLogger("tellneo")
 
@@ -290,7 +290,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             if n == len(lines) - 1:
                 logger.warning(f"{p}:{i}: dropping a torn last line ({exc})")
                 break
-            from tellneo.recipes.common import RecipeError
+            from tellneo.recipes.errors import RecipeError
 
             raise RecipeError(f"{p}:{i}: not a metrics record ({exc}); repair or delete the line") from None
         records.append(record)

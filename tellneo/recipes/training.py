@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,14 @@ from typing import Any
 import torch
 
 from tellneo.io import lock_run_dir, prepare_run_dir, remove_outputs
-from tellneo.recipes.common import RecipeError
+from tellneo.recipes.errors import RecipeError
 from tellneo.recipes.outputs import GGUF_NAME, STUDENT_BASE
+from tellneo.recipes.settings import LR_SCHEDULERS, PRESET_FIELDS, TRAIN_DEFAULTS
 from tellneo.recipes.trainer_utils import WARMUP_RATIO_ATTR, clean_staging, last_checkpoint
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["TrainSettings", "check_run_dir", "check_report_to", "open_run_dir", "run_training", "seconds_per_step"]
+__all__ = ["LR_SCHEDULERS", "PRESET_FIELDS", "TRAIN_DEFAULTS", "TrainSettings", "check_run_dir", "check_report_to", "open_run_dir", "run_training", "seconds_per_step"]
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -47,15 +49,19 @@ class TrainSettings:
     fraction of the total optimizer steps, turned into whole steps by
     :func:`tellneo.recipes.trainer_utils.warmup_steps` (rounded down, always leaving a step at the peak learning
     rate) with a linear warm-up whose first step already has lr > 0.
+
+    ``None`` in ``epochs``, ``learning_rate``, ``lr_scheduler`` or ``warmup_ratio`` (:data:`PRESET_FIELDS`) means
+    "the recipe decides": ``run_distill`` fills them from its preset, ``run_tell`` from its defaults
+    (:meth:`resolve`); used on its own, :meth:`training_arguments` fills them from :data:`TRAIN_DEFAULTS`.
     """
 
     batch_size: int = 2
     grad_accum: int = 1
     max_steps: int = -1
-    epochs: float = 1.0
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
+    epochs: float | None = None
+    learning_rate: float | None = None
+    lr_scheduler: str | None = None
+    warmup_ratio: float | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -66,18 +72,20 @@ class TrainSettings:
     save_total_limit: int = 2
 
     def __post_init__(self) -> None:
+        if self.lr_scheduler is not None and self.lr_scheduler not in LR_SCHEDULERS:
+            raise RecipeError(f"lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise RecipeError(f"max-steps must be positive (or -1 for --epochs), got {self.max_steps}")
-        if self.max_steps < 0 and not self.epochs > 0:
+        if self.max_steps < 0 and self.epochs is not None and not self.epochs > 0:
             raise RecipeError(f"epochs must be > 0, got {self.epochs}")
-        if self.max_steps < 0 and not math.isfinite(self.epochs):
+        if self.max_steps < 0 and self.epochs is not None and not math.isfinite(self.epochs):
             raise RecipeError(f"epochs must be finite, got {self.epochs}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+        if self.learning_rate is not None and not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise RecipeError(f"learning-rate must be a finite number > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
+        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
             raise RecipeError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise RecipeError(f"weight-decay must be a finite number >= 0, got {self.weight_decay}")
@@ -90,12 +98,23 @@ class TrainSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def resolve(self, defaults: Mapping[str, Any]) -> TrainSettings:
+        """A copy with the ``None`` fields of :data:`PRESET_FIELDS` taken from ``defaults`` (a preset's values)."""
+        missing = [name for name in PRESET_FIELDS if name not in defaults]
+        if missing:
+            raise ValueError(f"defaults lack {', '.join(missing)}")
+        return dataclasses.replace(self, **{name: defaults[name] for name in PRESET_FIELDS
+                                            if getattr(self, name) is None})
+
     def training_arguments(self, output_dir: str | Path, *, report_to: str | list[str] = "none",
                            **overrides: Any) -> Any:
-        """``TrainingArguments`` for these settings; ``report_to`` as :func:`check_report_to` accepts it (logs go
-        to the Trainer's integrations, e.g. TensorBoard event files under ``output_dir/runs``)."""
+        """``TrainingArguments`` for these settings (``None`` fields from :data:`TRAIN_DEFAULTS`); ``report_to`` as
+        :func:`check_report_to` accepts it (logs go to the Trainer's integrations, e.g. TensorBoard event files
+        under ``output_dir/runs``)."""
         from transformers import TrainingArguments
 
+        if any(getattr(self, name) is None for name in PRESET_FIELDS):
+            return self.resolve(TRAIN_DEFAULTS).training_arguments(output_dir, report_to=report_to, **overrides)
         kwargs: dict[str, Any] = dict(
             output_dir=str(output_dir),
             per_device_train_batch_size=self.batch_size,
