@@ -13,7 +13,7 @@ from typing import Any
 def add_train_flags(p: argparse.ArgumentParser, *, max_steps: int, batch_size: int = 2, save_steps: int = 25,
                     defaults: Mapping[str, Any] | None = None) -> None:
     """The training flags. ``--epochs``, ``--learning-rate``, ``--lr-scheduler`` and ``--warmup-ratio`` default
-    to None, "the recipe decides" (:data:`tellneo.recipes.training.PRESET_FIELDS`): ``defaults`` (the recipe's
+    to None, "the recipe decides" (:data:`tellneo.recipes.settings.PRESET_FIELDS`): ``defaults`` (the recipe's
     values) are only shown in the help; without them the help says "from --preset"."""
     from tellneo.recipes.settings import LR_SCHEDULERS
 
@@ -79,7 +79,7 @@ def lora_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_run_dir_flags(g: argparse._ArgumentGroup) -> None:
-    """``--resume`` and ``--overwrite``, the two ways to reuse a run directory (:mod:`tellneo.recipes.training`)."""
+    """``--resume`` and ``--overwrite``, the two ways to reuse a run directory (:mod:`tellneo.recipes.run_dir`)."""
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its last readable checkpoint (refused, naming the "
                         "change, when the configuration or a data file's contents changed)")

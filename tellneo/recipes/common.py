@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tellneo.recipes.errors import RecipeError
 from tellneo.recipes.lora import LORA_VARIANTS, LoraSettings, attach_lora
-from tellneo.recipes.model_parts import (
+from tellneo.recipes.model_parts import (  # noqa: F401 (the private ones: integrations used them from here)
     _capture_output,
     _transformers_model,
     count_parameters,

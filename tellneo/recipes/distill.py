@@ -1,6 +1,6 @@
 """The NEO distillation run behind ``tellneo distill``: load the teacher, build (or load) the student, tokenize and
 pack general instruction data, evaluate, train with :class:`tellneo.recipes.neo.KDTrainer`, evaluate again and
-write the run directory (see :mod:`tellneo.recipes.training`).
+write the run directory (the skeleton: :mod:`tellneo.recipes.run`; the directory: :mod:`tellneo.recipes.run_dir`).
 
 ``run_distill(DistillConfig(...))`` is the Python entry point; ``tellneo distill`` builds its config from the flags
 (:func:`tellneo.commands.distill.config_from_args`), and a preset means the same from both. The arms of the NEO
@@ -20,14 +20,12 @@ from typing import Any
 import torch
 
 from tellneo.data.planning import MAX_SEQ_LEN
-from tellneo.io import file_sha256, lock_run_dir
+from tellneo.io import file_sha256
 from tellneo.recipes.config import accepts_flat_names
 from tellneo.recipes.errors import RecipeError
 from tellneo.recipes.lora import LoraSettings, attach_lora
-from tellneo.recipes.model_parts import count_parameters, float_copy
-from tellneo.recipes.neo import KDTrainer, build_student, check_compatible, parse_layers
-from tellneo.recipes.settings import MODES, KDSettings, NeoPreset
-from tellneo.recipes.settings import PRESETS as PRESET_SETTINGS
+from tellneo.recipes.model_parts import float_copy
+from tellneo.recipes.neo import build_student, check_compatible, parse_layers
 from tellneo.recipes.outputs import (
     OUTPUT_OPTIONS,
     STUDENT_BASE,
@@ -35,15 +33,10 @@ from tellneo.recipes.outputs import (
     check_output_options,
     point_adapter_at,
 )
-from tellneo.recipes.training import (
-    CHECKPOINTS,
-    METRICS,
-    TrainSettings,
-    check_run_dir,
-    open_run_dir,
-    run_training,
-    seconds_per_step,
-)
+from tellneo.recipes.run import RecipeRun, TrainedRun, run_recipe
+from tellneo.recipes.settings import MODES, KDSettings, NeoPreset
+from tellneo.recipes.settings import PRESETS as PRESET_SETTINGS
+from tellneo.recipes.training import TrainSettings
 
 logger = logging.getLogger("tellneo")
 
@@ -218,189 +211,157 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     unreadable model), FileExistsError / PermissionError (output directory), KeyboardInterrupt after a Ctrl-C
     (a checkpoint of the last finished step is saved: rerun with ``resume=True``).
     """
-    from tellneo.models import hf_progress_bars
-
-    with hf_progress_bars(progress):  # progress=False also silences transformers' loading/saving bars
-        return _run_distill(cfg, resume=resume, overwrite=overwrite, progress=progress, report_to=report_to)
+    return run_recipe(_DistillRun(cfg), resume=resume, overwrite=overwrite, progress=progress, report_to=report_to)
 
 
-def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 report_to: str | list[str] = "none") -> dict[str, Any]:
-    """The body of :func:`run_distill`."""
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-    from transformers import set_seed
+class _DistillRun(RecipeRun):
+    """The NEO recipe's parts of :func:`tellneo.recipes.run.run_recipe`."""
 
-    from tellneo.data import PackedCollator, PackedDataset
-    from tellneo.models import check_model_path, load_causal_lm
-    from tellneo.recipes.evaluate import distill_metrics, eval_batches
-    from tellneo.recipes.offline import TopkCollator, TopkDataset, precompute_teacher_topk
-    from tellneo.recipes.records import general_records, split_records, tokenize
-    from tellneo.recipes.reporting import (
-        StageBar,
-        machine_state,
-        markdown_table,
-        plot_loss_curve,
-        write_summary,
-    )
-    from tellneo.recipes.outputs import save_model_outputs
-    from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
+    stages = 5
 
-    t_start = time.perf_counter()
-    lora, kd, train = cfg.resolve()
-    manifest = cfg.manifest()
-    out = Path(cfg.output_dir)
-    args = train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
-    state = PartialState()
-    if state.is_main_process:
-        check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
-        lock_run_dir(out, create=False)  # a run already in that directory: refuse now, not after loading
-    check_model_path(cfg.teacher, "teacher path")
-    check_model_path(cfg.student, "student path")
-    timings: dict[str, float] = {}
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.cfg = cfg
+        self.lora, self.kd, self.train = cfg.resolve()
+        self.manifest = cfg.manifest()
+        self.mode, self.output_dir = cfg.mode, Path(cfg.output_dir)
 
-    machine_start = machine_state()
-    with StageBar(5, "preparing", enabled=progress) as stage:
+    def check_models(self) -> None:
+        from tellneo.models import check_model_path
+
+        check_model_path(self.cfg.teacher, "teacher path")
+        check_model_path(self.cfg.student, "student path")
+
+    def prepare(self, stage: Any, timings: dict[str, float]) -> Any:
+        from tellneo.data import PackedDataset
+        from tellneo.models import load_causal_lm
+        from tellneo.recipes.records import general_records, split_records, tokenize
+
+        cfg, train = self.cfg, self.train
         stage("reading data")
-        records, source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
+        records, self.source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
         train_records, eval_records = split_records(records, cfg.eval_samples, train.seed)
 
         t0 = time.perf_counter()
         stage("loading the teacher")
-        teacher, tokenizer = load_causal_lm(cfg.teacher)
+        self.teacher, self.tokenizer = load_causal_lm(cfg.teacher)
         stage("building the student" if cfg.student is None else "loading the student")
-        student, student_info = _load_student(cfg, teacher, tokenizer)
+        self.model, self.student_info = _load_student(cfg, self.teacher, self.tokenizer)
         if cfg.save_gguf:
-            check_gguf_export(student, tokenizer)
+            check_gguf_export(self.model, self.tokenizer)
         timings["load_models_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         stage(f"tokenizing {len(records)} records")
-        vocab = int(student.get_output_embeddings().weight.shape[0])
+        self.vocab = vocab = int(self.model.get_output_embeddings().weight.shape[0])
         if cfg.offline_topk > vocab:  # checked before the run directory is touched
             raise RecipeError(f"offline-topk {cfg.offline_topk} is more than the vocabulary ({vocab} ids)")
-        train_store = tokenize(train_records, tokenizer, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
-        eval_store = tokenize(eval_records, tokenizer, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
-        dropped = check_kept(len(train_records), len(train_store), len(eval_records), len(eval_store), cfg.seq_len)
+        tok = self.tokenizer
+        self.train_store = tokenize(train_records, tok, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
+        self.eval_store = tokenize(eval_records, tok, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
+        self.dropped = check_kept(len(train_records), len(self.train_store), len(eval_records),
+                                  len(self.eval_store), cfg.seq_len)
         stage("packing")
-        pad_id = tokenizer.pad_token_id or 0
-        train_ds = PackedDataset(train_store, cfg.seq_len, seed=train.seed, shuffle=True, pad_id=pad_id)
-        eval_ds = PackedDataset(eval_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
-        global_batch = train.batch_size * train.grad_accum * state.num_processes
-        if train_ds.steps_per_epoch(train.batch_size * train.grad_accum, state.num_processes) == 0:
-            raise RecipeError(f"the training data packs into {len(train_ds)} rows of {cfg.seq_len} tokens, fewer "
-                              f"than one global batch ({global_batch} rows): add data or lower "
-                              "--batch-size/--grad-accum")
+        pad_id = tok.pad_token_id or 0
+        self.train_ds = PackedDataset(self.train_store, cfg.seq_len, seed=train.seed, shuffle=True, pad_id=pad_id)
+        self.eval_ds = PackedDataset(self.eval_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
         timings["data_s"] = time.perf_counter() - t0
+        return self.train_ds
 
-    # inputs are valid: now the run directory is created (or reopened) and written
-    with state.main_process_first():
-        out, resume_from = open_run_dir(out, manifest, resume=resume, overwrite=overwrite,
-                                        is_main=state.is_main_process)
+    def after_open(self, timings: dict[str, float]) -> None:
+        from tellneo.data import PackedCollator
+        from tellneo.recipes.offline import TopkCollator, TopkDataset, precompute_teacher_topk
 
-    dataset, collator, extra = train_ds, PackedCollator("rows"), None
-    if cfg.offline_topk > 0 and kd.alpha > 0:
+        cfg, state, out = self.cfg, self.state, self.out
+        self.dataset, self.collator, self.eval_extra = self.train_ds, PackedCollator("rows"), None
+        self.teacher_cache: dict[int, torch.Tensor] = {}
+        if not (cfg.offline_topk > 0 and self.kd.alpha > 0):
+            return
         t0 = time.perf_counter()
-        epochs = list(range(_epochs_needed(train, len(train_ds), global_batch)))
+        epochs = list(range(_epochs_needed(self.train, len(self.train_ds), self.global_batch)))
         with state.main_process_first():
             if state.is_main_process:
-                precompute_teacher_topk(teacher, train_ds, out / "teacher_topk" / "train", k=cfg.offline_topk,
-                                        temperature=kd.temperature, epochs=epochs, vocab_size=vocab,
-                                        progress=progress)
-                precompute_teacher_topk(teacher, eval_ds, out / "teacher_topk" / "eval", k=cfg.offline_topk,
-                                        temperature=kd.temperature, vocab_size=vocab, progress=progress)
-        dataset = TopkDataset(train_ds, out / "teacher_topk" / "train")
-        eval_topk = TopkDataset(eval_ds, out / "teacher_topk" / "eval")
-        extra = eval_topk.topk
-        collator = TopkCollator()
-        del teacher
-        teacher = None
+                precompute_teacher_topk(self.teacher, self.train_ds, out / "teacher_topk" / "train",
+                                        k=cfg.offline_topk, temperature=self.kd.temperature, epochs=epochs,
+                                        vocab_size=self.vocab, progress=self.progress)
+                precompute_teacher_topk(self.teacher, self.eval_ds, out / "teacher_topk" / "eval",
+                                        k=cfg.offline_topk, temperature=self.kd.temperature,
+                                        vocab_size=self.vocab, progress=self.progress)
+        self.dataset = TopkDataset(self.train_ds, out / "teacher_topk" / "train")
+        self.eval_extra = TopkDataset(self.eval_ds, out / "teacher_topk" / "eval").topk
+        self.collator = TopkCollator()
+        self.teacher = None
         timings["teacher_topk_s"] = time.perf_counter() - t0
 
-    def evaluate(model: Any, label: str, cache: dict[int, torch.Tensor]) -> dict[str, float]:
-        n_batches = math.ceil(len(eval_ds) / cfg.eval_batch_size)
-        with tqdm(total=n_batches, desc=f"evaluating ({label})", unit="batch", disable=not progress) as bar:
-            return distill_metrics(model, eval_batches(eval_ds, cfg.eval_batch_size, extra=extra), teacher=teacher,
-                                   teacher_cache=cache, temperature=kd.temperature, progress=bar)
+    def evaluate(self, model: Any, label: str) -> dict[str, Any]:
+        from tqdm.auto import tqdm
 
-    teacher_cache: dict[int, torch.Tensor] = {}
-    t0 = time.perf_counter()
-    before = evaluate(student, "before", teacher_cache)
-    timings["eval_before_s"] = time.perf_counter() - t0
+        from tellneo.recipes.evaluate import distill_metrics, eval_batches
 
-    set_seed(train.seed)  # LoRA initialisation: the same run gives the same adapters
-    if cfg.mode == "lora":
-        student_info["base"] = _save_student_base(cfg, student, tokenizer, out, is_main=state.is_main_process)
-        model = attach_lora(student, lora)
-    else:
-        model = student.requires_grad_(True)
-    trainable, total = count_parameters(model)
+        n_batches = math.ceil(len(self.eval_ds) / self.cfg.eval_batch_size)
+        with tqdm(total=n_batches, desc=f"evaluating ({label})", unit="batch", disable=not self.progress) as bar:
+            return distill_metrics(model, eval_batches(self.eval_ds, self.cfg.eval_batch_size, extra=self.eval_extra),
+                                   teacher=self.teacher, teacher_cache=self.teacher_cache,
+                                   temperature=self.kd.temperature, progress=bar)
 
-    trainer = KDTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, teacher=teacher,
-                        kd=kd, callbacks=[MetricsJsonlCallback(out / METRICS)])
-    t0 = time.perf_counter()
-    train_output, interrupted = run_training(trainer, resume_from)
-    timings["train_s"] = time.perf_counter() - t0
-    metrics = read_metrics(out / METRICS) if state.is_main_process else []
-    title = f"tellneo distill: {cfg.mode} student ({student_info['num_layers']} layers), KD weight {kd.alpha}"
-    if state.is_main_process:
-        plot_loss_curve(metrics, out / "loss_curve.png", title=title)
-    if interrupted:
-        raise KeyboardInterrupt(f"training interrupted at step {trainer.state.global_step}; a checkpoint is in "
-                                f"{out / CHECKPOINTS}: rerun with --resume to continue")
+    def trainable_model(self) -> Any:
+        if self.mode == "lora":
+            self.student_info["base"] = _save_student_base(self.cfg, self.model, self.tokenizer, self.out,
+                                                           is_main=self.state.is_main_process)
+            return attach_lora(self.model, self.lora)
+        return self.model.requires_grad_(True)
 
-    t0 = time.perf_counter()
-    after = evaluate(model, "after", teacher_cache)
-    timings["eval_after_s"] = time.perf_counter() - t0
-    if state.is_main_process:  # again, with the held-out points before (step 0) and after training
-        final = trainer.state.global_step
-        plot_loss_curve(metrics, out / "loss_curve.png", title=title, held_out={
-            "held-out ce": [(0, before["ce"]), (final, after["ce"])],
-            "held-out kl": [(0, before["kl"]), (final, after["kl"])]})
+    def trainer_inputs(self) -> tuple[Any, Any]:
+        return self.dataset, self.collator
 
-    if state.is_main_process:
+    def plot(self, metrics: list[dict[str, Any]], before: dict[str, Any] | None = None,
+             after: dict[str, Any] | None = None, final_step: int = 0) -> None:
+        from tellneo.recipes.reporting import plot_loss_curve
+
+        title = (f"tellneo distill: {self.mode} student ({self.student_info['num_layers']} layers), "
+                 f"KD weight {self.kd.alpha}")
+        held_out = None if before is None or after is None else {
+            "held-out ce": [(0, before["ce"]), (final_step, after["ce"])],
+            "held-out kl": [(0, before["kl"]), (final_step, after["kl"])]}
+        plot_loss_curve(metrics, self.out / "loss_curve.png", title=title, held_out=held_out)
+
+    def save(self, model: Any, timings: dict[str, float]) -> dict[str, str]:
+        from tellneo.recipes.outputs import save_model_outputs
+
+        cfg = self.cfg
         t0 = time.perf_counter()
-        written = save_model_outputs(model, out, tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
+        written = save_model_outputs(model, self.out, self.tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
                                      merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf,
                                      model_source=cfg.teacher)
-        if student_info.get("base") == str((out / STUDENT_BASE).resolve()):
-            written[STUDENT_BASE] = student_info["base"]
+        if self.student_info.get("base") == str((self.out / STUDENT_BASE).resolve()):
+            written[STUDENT_BASE] = self.student_info["base"]
         timings["save_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
-    train_rows = [r for r in metrics if "loss" in r]
-    summary = {
-        "recipe": "neo", "mode": cfg.mode, "teacher": cfg.teacher or "embedded SmolLM2-135M-Instruct",
-        "student": student_info, "data": source, "train_records": len(train_store),
-        "eval_records": len(eval_store), "records_dropped_overlong": dropped,
-        "train_rows_per_epoch": len(train_ds), "eval_tokens": before["tokens"],
-        "steps": trainer.state.global_step, "global_batch_rows": global_batch, "seq_len": cfg.seq_len,
-        "trained_tokens_per_epoch": int((train_store.labels != -100).sum()),
-        "lora": lora.to_dict() if cfg.mode == "lora" else None, "kd": asdict(kd),
-        "learning_rate": train.learning_rate, "trainable_parameters": trainable, "total_parameters": total,
-        "before": before, "after": after,
-        "first_loss": train_rows[0]["loss"] if train_rows else None,
-        "last_loss": train_rows[-1]["loss"] if train_rows else None,
-        "train_runtime_s": getattr(train_output, "metrics", {}).get("train_runtime") if train_output else None,
-        "train_s_per_step": seconds_per_step(timings["train_s"], trainer.state.global_step, resume_from)
-        if train_output is not None else None,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "processes": state.num_processes, "machine_at_start": machine_start, "machine_at_end": machine_state(),
-        "outputs": written if state.is_main_process else {},
-    }
-    table = markdown_table(
-        ["held-out metric", "student before", "student after", "teacher"],
-        [["cross-entropy (nats/token)", before["ce"], after["ce"], before["teacher_ce"]],
-         ["perplexity", before["ppl"], after["ppl"], math.exp(before["teacher_ce"])
-          if not math.isnan(before["teacher_ce"]) else float("nan")],
-         ["KL(teacher || student)", before["kl"], after["kl"], 0.0 if teacher is not None else float("nan")],
-         ["top-1 agreement with teacher", before["top1_agreement"], after["top1_agreement"],
-          1.0 if teacher is not None else float("nan")]],
-    )
-    if state.is_main_process:
-        write_summary(out, summary, table)
-    summary["table"] = table
-    summary["main_process"] = state.is_main_process  # under torchrun only rank 0 reports
-    return summary
+        return written
+
+    def summary(self, run: TrainedRun) -> tuple[dict[str, Any], str]:
+        from tellneo.recipes.reporting import markdown_table
+
+        cfg, before, after, online = self.cfg, run.before, run.after, self.teacher is not None
+        summary = {
+            "recipe": "neo", "mode": cfg.mode, "teacher": cfg.teacher or "embedded SmolLM2-135M-Instruct",
+            "student": self.student_info, "data": self.source, "train_records": len(self.train_store),
+            "eval_records": len(self.eval_store), "records_dropped_overlong": self.dropped,
+            "train_rows_per_epoch": len(self.train_ds), "eval_tokens": before["tokens"],
+            "steps": run.trainer.state.global_step, "global_batch_rows": run.global_batch, "seq_len": cfg.seq_len,
+            "trained_tokens_per_epoch": int((self.train_store.labels != -100).sum()),
+            "lora": self.lora.to_dict() if cfg.mode == "lora" else None, "kd": asdict(self.kd),
+            "learning_rate": self.train.learning_rate, "trainable_parameters": run.trainable,
+            "total_parameters": run.total, "before": before, "after": after,
+        }
+        table = markdown_table(
+            ["held-out metric", "student before", "student after", "teacher"],
+            [["cross-entropy (nats/token)", before["ce"], after["ce"], before["teacher_ce"]],
+             ["perplexity", before["ppl"], after["ppl"], math.exp(before["teacher_ce"])
+              if not math.isnan(before["teacher_ce"]) else float("nan")],
+             ["KL(teacher || student)", before["kl"], after["kl"], 0.0 if online else float("nan")],
+             ["top-1 agreement with teacher", before["top1_agreement"], after["top1_agreement"],
+              1.0 if online else float("nan")]],
+        )
+        return summary, table
 
 
 def load_distilled_student(run_dir: str | Path) -> Any:

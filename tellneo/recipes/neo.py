@@ -1,7 +1,7 @@
 """LLM-NEO: distil a teacher into a smaller student that trains LoRA adapters only, with the fused KD loss.
 
-* :func:`build_student` — a layer-dropped copy of a Llama- or GPT-2-family teacher (same tokenizer, embeddings, norms and
-  ``lm_head`` copied), and :func:`select_layers` for the layer choice.
+* :func:`build_student` — a layer-dropped copy of a Llama- or GPT-2-family teacher (same tokenizer, embeddings,
+  norms and ``lm_head`` copied), and :func:`select_layers` for the layer choice.
 * :func:`check_compatible` — teacher and student must share token ids (a teacher vocab *padded* beyond the
   student's is fine); raises :class:`VocabMismatchError` otherwise.
 * :class:`KDSettings` and :data:`PRESETS` (:data:`DEFAULT_PRESET`, :data:`NEO_PRESET`) — loss options, and the named
@@ -46,7 +46,7 @@ from tellneo.recipes.errors import RecipeError
 from tellneo.recipes.model_parts import hidden_state_no_grad, last_hidden_state, output_head
 from tellneo.recipes.settings import DEFAULT_PRESET, NEO_PRESET, PRESETS, KDSettings, NeoPreset
 from tellneo.recipes.head import OutputHead, fused_head_loss, head_transform, read_head
-from tellneo.recipes.trainer_utils import RecipeTrainerMixin
+from tellneo.recipes.training import RecipeTrainerMixin
 
 logger = logging.getLogger("tellneo")
 
@@ -146,10 +146,11 @@ def build_student(
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """A smaller student: the teacher's class and weights with only the decoder layers :func:`select_layers`
-    picks (``.model.layers`` of the Llama family or ``.transformer.h`` of the GPT-2 family) (renumbered 0..n-1, so ``layer_idx`` of the attention caches is right), and the embeddings, final norm
-    and ``lm_head`` copied (a tied head stays tied). The student is a new model in ``dtype`` (default: the
-    teacher's) with ``config.num_hidden_layers`` set and ``config.tellneo_teacher_layers`` recording the kept
-    indices; the teacher is not modified. GGUF quantization metadata is not carried over (the copy is trainable).
+    picks (``.model.layers`` of the Llama family or ``.transformer.h`` of the GPT-2 family; renumbered 0..n-1, so
+    ``layer_idx`` of the attention caches is right), and the embeddings, final norm and ``lm_head`` copied (a tied
+    head stays tied). The student is a new model in ``dtype`` (default: the teacher's) with
+    ``config.num_hidden_layers`` set and ``config.tellneo_teacher_layers`` recording the kept indices; the
+    teacher is not modified. GGUF quantization metadata is not carried over (the copy is trainable).
 
     Use the teacher's tokenizer with it. Raises TypeError, naming the supported layouts, for a model with
     neither layer list.
@@ -244,8 +245,9 @@ class KDTrainer(RecipeTrainerMixin, Trainer):
     of trained positions only and calls :func:`tellneo.ops.fused_linear_kd` with both ``lm_head`` weights and
     each model's own final-logit transform (:func:`tellneo.recipes.head.head_transform`: Gemma-2/3 softcap,
     Granite / Cohere logit scales), so CE and KD are those of ``model(...).logits``; a model whose head is not a
-    plain Linear with a known transform is refused at construction (``UnsupportedHeadError``). Teacher and student may be FSDP2-sharded (``fully_shard``): both are called through
-    their root modules and a sharded head weight is gathered for the loss.
+    plain Linear with a known transform is refused at construction (``UnsupportedHeadError``). Teacher and
+    student may be FSDP2-sharded (``fully_shard``): both are called through their root modules and a sharded head
+    weight is gathered for the loss.
 
     Normalisation: the Trainer counts the trained tokens of the whole accumulated (and, under DDP, gathered)
     batch into ``num_items_in_batch``; the loss is divided by it, so gradient accumulation and DDP give the

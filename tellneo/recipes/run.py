@@ -1,6 +1,7 @@
 """The run skeleton shared by ``run_distill`` and ``run_tell``: check the run directory, prepare (data, models),
 open the run directory, evaluate before, train with :class:`tellneo.recipes.neo.KDTrainer`, evaluate after, save,
-write the summary; the interrupt and error protocol of :mod:`tellneo.recipes.training`.
+write the summary; the interrupt and error protocol of :mod:`tellneo.recipes.training` and
+:mod:`tellneo.recipes.run_dir`.
 
 A recipe supplies its own parts as a :class:`RecipeRun` subclass; :func:`run_recipe` calls them in this order::
 
@@ -19,15 +20,8 @@ from typing import Any
 
 from tellneo.recipes.errors import RecipeError
 from tellneo.recipes.settings import KDSettings
-from tellneo.recipes.training import (
-    CHECKPOINTS,
-    METRICS,
-    TrainSettings,
-    check_run_dir,
-    open_run_dir,
-    run_training,
-    seconds_per_step,
-)
+from tellneo.recipes.run_dir import CHECKPOINTS, METRICS, check_run_dir, open_run_dir
+from tellneo.recipes.training import TrainSettings, run_training, seconds_per_step
 
 __all__ = ["RecipeRun", "TrainedRun", "run_recipe"]
 
@@ -53,7 +47,8 @@ class RecipeRun(ABC):
     before :meth:`prepare`, and ``resume_from`` once the run directory is open.
 
     Subclasses set :attr:`stages` (stage-bar steps of :meth:`prepare`), :attr:`mode` (``"lora"`` / ``"full"``),
-    ``manifest`` and ``train`` (resolved settings) and ``output_dir`` in their ``__init__``.
+    ``manifest`` and ``train`` (resolved settings) and ``output_dir`` in their ``__init__``; :meth:`prepare` sets
+    ``model`` (evaluated before training); ``teacher`` and ``kd`` go to the trainer (default: no teacher, CE only).
     """
 
     stages: int
@@ -61,6 +56,7 @@ class RecipeRun(ABC):
     manifest: dict[str, Any]
     train: TrainSettings
     output_dir: Path
+    model: Any
     kd: KDSettings = KDSettings(alpha=0.0)
     teacher: Any = None
 
@@ -132,7 +128,7 @@ def _run(recipe: RecipeRun, *, resume: bool, overwrite: bool, progress: bool, re
     from tellneo.recipes.neo import KDTrainer
     from tellneo.recipes.model_parts import count_parameters
     from tellneo.recipes.reporting import StageBar, machine_state, write_summary
-    from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
+    from tellneo.recipes.training import MetricsJsonlCallback, read_metrics
 
     t_start = time.perf_counter()
     train, manifest, out = recipe.train, recipe.manifest, Path(recipe.output_dir)
