@@ -78,6 +78,27 @@ def lora_changes(args: argparse.Namespace) -> dict[str, Any]:
                 patch=False if args.no_fused_lora else None)
 
 
+def add_output_flags(p: argparse.ArgumentParser, default_dir: str) -> None:
+    """The "output" group: ``--output-dir``, the run-directory and save flags, ``--quiet``."""
+    from pathlib import Path
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", type=Path, default=Path(default_dir), help="run directory")
+    add_run_dir_flags(g)
+    add_save_flags(g)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_command(args: argparse.Namespace, build: Any, run: Any) -> dict[str, Any]:
+    """Build a recipe config from the flags (``build(args)``), set the thread count and ``run`` it with the
+    run-control flags; a RecipeError becomes the CLI's one-line UserError. Returns the summary."""
+    with recipe_errors():
+        cfg = build(args)
+        apply_threads(args.threads)
+        return run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                   report_to=args.report_to)
+
+
 def add_run_dir_flags(g: argparse._ArgumentGroup) -> None:
     """``--resume`` and ``--overwrite``, the two ways to reuse a run directory (:mod:`tellneo.recipes.run_dir`)."""
     g.add_argument("--resume", action="store_true",

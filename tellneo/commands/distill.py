@@ -9,13 +9,11 @@ from typing import Any
 from tellneo.commands._config import add_config_flag, kd_flags, lora_flags
 from tellneo.commands._train_flags import (
     add_lora_flags,
-    add_run_dir_flags,
-    add_save_flags,
+    add_output_flags,
     add_train_flags,
-    apply_threads,
     lora_changes,
     print_result,
-    recipe_errors,
+    run_command,
     save_options,
     train_settings,
 )
@@ -80,11 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-batch-size", type=int, default=4, help="rows per evaluation batch")
 
     add_train_flags(p, max_steps=24)
-    g = p.add_argument_group("output")
-    g.add_argument("--output-dir", type=Path, default=Path("outputs/distill"), help="run directory")
-    add_run_dir_flags(g)
-    add_save_flags(g)
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_flags(p, "outputs/distill")
     add_config_flag(p, "distill", _manifest_flags)
     p.set_defaults(run=run)
 
@@ -129,11 +123,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from tellneo.recipes.distill import run_distill
 
-    with recipe_errors():
-        cfg = config_from_args(args)
-        apply_threads(args.threads)
-        summary = run_distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                              report_to=args.report_to)
+    summary = run_command(args, config_from_args, run_distill)
     t = summary["timings"]
     print_result(summary, args.output_dir, [
         f"student: {summary['student']['num_layers']} layers ({summary['student']['source']}), "
