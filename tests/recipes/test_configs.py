@@ -16,6 +16,7 @@ from tellneo.io import config_hash
 from tellneo.recipes.distill import DistillConfig
 from tellneo.recipes.errors import RecipeError
 from tellneo.recipes.lora import LORA_VARIANTS, LoraSettings, attach_lora, lora_config_kwargs
+from tellneo.recipes.outputs import MERGED_DTYPES
 from tellneo.recipes.settings import (
     DEFAULT_PRESET,
     DIVERGENCES,
@@ -99,6 +100,7 @@ def test_cli_choices_are_the_library_constants():
     assert _choices(p, "distill", "lora_variant") == _choices(p, "tell", "lora_variant") == LORA_VARIANTS
     assert _choices(p, "distill", "lr_scheduler") == _choices(p, "tell", "lr_scheduler") == LR_SCHEDULERS
     assert _choices(p, "tell", "method") == TELL_METHODS and _choices(p, "tell", "spread") == TELL_SPREADS
+    assert _choices(p, "distill", "merged_dtype") == _choices(p, "tell", "merged_dtype") == tuple(MERGED_DTYPES)
     with pytest.raises(RecipeError, match="lr-scheduler must be one of cosine"):
         TrainSettings(lr_scheduler="cosine_restarts")
 
@@ -202,3 +204,4 @@ def test_a_manifest_setting_without_a_flag_is_refused(tmp_path, capsys):
     config = DistillConfig(lora=LoraSettings(target_modules=("q_proj",))).manifest()
     with pytest.raises(UserError, match=r"unknown settings: lora\.target_modules"):
         _reparse(tmp_path, "distill", config)
+
