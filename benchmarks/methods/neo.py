@@ -18,16 +18,20 @@ from benchmarks.methods.common import Scale, machine_columns, run_dir_for
 
 LORA_LR = 1e-3  # the distill recipe's default for LoRA on CPU-sized runs
 FULL_LR = 1e-4  # all weights move: ten times lower, the usual full fine-tuning choice
+# every arm pins its schedule (the values the arms have always run with) instead of leaving it to the recipe
+PINNED_TRAIN = {"epochs": 1.0, "lr_scheduler": "cosine", "warmup_ratio": 0.1}
 
 
 def arm_configs(scale: Scale, seeds: Sequence[int]) -> list[tuple[str, int, dict[str, Any]]]:
-    """``(arm, seed, DistillConfig fields)`` for every run: the four arms (lora-ce and neo at every seed, the
+    """``(arm, seed, arm settings)`` for every run (flat: ``mode``, ``alpha`` = KD weight, ``lora_r`` /
+    ``lora_alpha`` / ``lora_dropout``, ``divergence``, ``temperature``, the data fields and ``train``; the runner
+    turns them into a DistillConfig): the four arms (lora-ce and neo at every seed, the
     full-parameter arms at the first seed) and the sensitivity runs (rank 8/64, KD weight 0.9, first seed)."""
     from tellneo.recipes.training import TrainSettings
 
     def config(seed: int, *, mode: str, alpha: float, rank: int = 16, lr: float) -> dict[str, Any]:
         train = TrainSettings(batch_size=scale.batch_size, max_steps=scale.neo_steps, learning_rate=lr, seed=seed,
-                              bf16=scale.bf16, save_steps=10_000)
+                              bf16=scale.bf16, save_steps=10_000, **PINNED_TRAIN)
         return {"mode": mode, "alpha": alpha, "lora_r": rank, "lora_alpha": 2.0 * rank, "lora_dropout": 0.05,
                 "divergence": "forward_kl", "temperature": 1.0, "seq_len": scale.seq_len, "max_samples": 1200,
                 "eval_samples": 24, "layers": "every_other", "train": asdict(train)}

@@ -30,12 +30,38 @@ def _records_hash(*record_lists: list[dict[str, Any]]) -> str:
     return h.hexdigest()[:16]
 
 
-def _neo(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
-    from tellneo.recipes.distill import DistillConfig, run_distill
-    from tellneo.recipes.records import general_records, split_records
+def distill_config(config: dict[str, Any], run_dir: Path) -> Any:
+    """The DistillConfig of a NEO arm's flat settings (:func:`benchmarks.methods.neo.arm_configs`)."""
+    from tellneo.recipes.distill import DistillConfig
+    from tellneo.recipes.lora import LoraSettings
+    from tellneo.recipes.settings import KDSettings
     from tellneo.recipes.training import TrainSettings
 
-    cfg = DistillConfig(**{**config, "train": TrainSettings(**config["train"]), "output_dir": str(run_dir)})
+    fields = dict(config)
+    train = TrainSettings(**fields.pop("train"))
+    lora = LoraSettings(r=fields.pop("lora_r"), alpha=fields.pop("lora_alpha"), dropout=fields.pop("lora_dropout"))
+    kd = KDSettings(alpha=fields.pop("alpha"), temperature=fields.pop("temperature"),
+                    divergence=fields.pop("divergence"))
+    return DistillConfig(**fields, lora=lora, kd=kd, train=train, output_dir=str(run_dir))
+
+
+def tell_config(config: dict[str, Any], run_dir: Path) -> Any:
+    """The TellConfig of a TELL arm's flat settings (:func:`benchmarks.methods.tell.arm_config`)."""
+    from tellneo.recipes.lora import LoraSettings
+    from tellneo.recipes.tell import TellConfig
+    from tellneo.recipes.training import TrainSettings
+
+    fields = dict(config)
+    train = TrainSettings(**fields.pop("train"))
+    lora = LoraSettings(r=fields.pop("lora_r"), alpha=fields.pop("lora_alpha"), dropout=fields.pop("lora_dropout"))
+    return TellConfig(**fields, lora=lora, train=train, output_dir=str(run_dir))
+
+
+def _neo(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
+    from tellneo.recipes.distill import run_distill
+    from tellneo.recipes.records import general_records, split_records
+
+    cfg = distill_config(config, run_dir)
     records, _ = general_records(cfg.data, cfg.max_samples)
     train, held_out = split_records(records, cfg.eval_samples, cfg.train.seed)
     return run_distill(cfg, resume=True, progress=False), _records_hash(train, held_out)
@@ -43,11 +69,10 @@ def _neo(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
 
 def _tell(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
     from tellneo.recipes.records import general_records
-    from tellneo.recipes.tell import TellConfig, _task_data, run_tell
-    from tellneo.recipes.training import TrainSettings
+    from tellneo.recipes.tell import run_tell, task_data
 
-    cfg = TellConfig(**{**config, "train": TrainSettings(**config["train"]), "output_dir": str(run_dir)})
-    train, test, _, _, _ = _task_data(cfg)
+    cfg = tell_config(config, run_dir)
+    train, test, _, _, _ = task_data(cfg)
     general = general_records(cfg.general, cfg.general_samples)[0] if cfg.method == "tell" else []
     return run_tell(cfg, resume=True, progress=False), _records_hash(train, test, general)
 

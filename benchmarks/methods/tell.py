@@ -25,6 +25,8 @@ from typing import Any
 from benchmarks.methods.common import Scale, machine_columns, run_dir_for
 
 LR = 1e-3
+# every arm pins its schedule (the values the arms have always run with) instead of leaving it to the recipe
+PINNED_TRAIN = {"lr_scheduler": "cosine", "warmup_ratio": 0.1}
 TASK_RATIO = 0.5  # fraction of the mixed samples that are task samples
 ARMS = ("sft", "tell", "tell-no-anchor", "tell-no-shuffle")
 
@@ -33,11 +35,11 @@ def arm_config(arm: str, budget: int, scale: Scale, seed: int) -> dict[str, Any]
     from tellneo.recipes.training import TrainSettings
 
     if arm == "sft":
-        train = TrainSettings(batch_size=scale.batch_size, max_steps=scale.tell_steps, learning_rate=LR, seed=seed,
-                              bf16=scale.bf16, save_steps=10_000)
+        train = TrainSettings(batch_size=scale.batch_size, max_steps=scale.tell_steps, epochs=1.0, learning_rate=LR,
+                              seed=seed, bf16=scale.bf16, save_steps=10_000, **PINNED_TRAIN)
     else:  # one epoch of the mix, so that the 'end' arm reaches its task block
         train = TrainSettings(batch_size=scale.batch_size, max_steps=-1, epochs=1.0, learning_rate=LR, seed=seed,
-                              bf16=scale.bf16, save_steps=10_000)
+                              bf16=scale.bf16, save_steps=10_000, **PINNED_TRAIN)
     return {"task": "date_iso", "task_samples": budget, "test_samples": 60, "method": "sft" if arm == "sft"
             else "tell", "use_anchor": arm in ("tell", "tell-no-shuffle"), "spread": "end" if arm ==
             "tell-no-shuffle" else "stratified", "task_ratio": TASK_RATIO,

@@ -20,6 +20,51 @@ from typing import Any
 _DERIVED = {"resolved_lora", "resolved_kd", "anchored", "data_sha256"}
 
 
+#: flags of the ``lora`` block of a manifest (LoraSettings field -> flag dest); ``patch`` is ``--no-fused-lora``
+_LORA_FLAGS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "variant": "lora_variant"}
+#: flags of the ``kd`` block of a manifest (KDSettings field -> flag dest)
+_KD_FLAGS = {"alpha": "alpha", "temperature": "temperature", "divergence": "divergence", "beta": "beta"}
+
+
+def _block_flags(config: dict[str, Any], block: str, names: dict[str, str], defaults: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """``{dest: value}`` for the fields of ``config[block]`` that have flags; the others must hold their defaults
+    (no flag could repeat them) and are otherwise put back as ``block.field`` for the caller to refuse."""
+    values = config.pop(block, None)
+    if not isinstance(values, dict):
+        return {}
+    flags = {}
+    for key, value in values.items():
+        if key in names:
+            flags[names[key]] = value
+        elif key not in defaults or value != defaults[key]:
+            config[f"{block}.{key}"] = value
+    return flags
+
+
+def lora_flags(config: dict[str, Any]) -> dict[str, Any]:
+    """The flags of a manifest's ``lora`` block (removed from ``config``; see :func:`_block_flags`)."""
+    from tellneo.recipes.lora import LoraSettings
+
+    lora = config.get("lora")
+    if not isinstance(lora, dict):
+        config.pop("lora", None)
+        return {}
+    lora = dict(lora)
+    patch = lora.pop("patch", True)
+    config["lora"] = lora
+    return {**_block_flags(config, "lora", _LORA_FLAGS, LoraSettings().to_dict()), "no_fused_lora": not patch}
+
+
+def kd_flags(config: dict[str, Any]) -> dict[str, Any]:
+    """The flags of a manifest's ``kd`` block (removed from ``config``; see :func:`_block_flags`)."""
+    from dataclasses import asdict
+
+    from tellneo.recipes.settings import KDSettings
+
+    return _block_flags(config, "kd", _KD_FLAGS, asdict(KDSettings()))
+
+
 def add_config_flag(p: argparse.ArgumentParser, command: str,
                     translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """Add ``--config`` to ``p`` (the ``tellneo COMMAND`` subparser). ``translate`` maps manifest entries whose

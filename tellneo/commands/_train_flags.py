@@ -5,24 +5,33 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 
-def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, max_steps: int,
-                    batch_size: int = 2, save_steps: int = 25, lr_help: str = "") -> None:
+def add_train_flags(p: argparse.ArgumentParser, *, max_steps: int, batch_size: int = 2, save_steps: int = 25,
+                    defaults: Mapping[str, Any] | None = None) -> None:
+    """The training flags. ``--epochs``, ``--learning-rate``, ``--lr-scheduler`` and ``--warmup-ratio`` default
+    to None, "the recipe decides" (:data:`tellneo.recipes.settings.PRESET_FIELDS`): ``defaults`` (the recipe's
+    values) are only shown in the help; without them the help says "from --preset"."""
+    from tellneo.recipes.settings import LR_SCHEDULERS
+
+    def default(name: str, fmt: str = "{}") -> str:
+        return f"default: {fmt.format(defaults[name])}" if defaults is not None else "default: from --preset"
+
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=max_steps,
                    help="optimizer steps to train (-1: train --epochs epochs instead)")
-    g.add_argument("--epochs", type=float, default=1.0, help="epochs over the training data when --max-steps is -1")
+    g.add_argument("--epochs", type=float, help=f"epochs over the training data when --max-steps is -1 "
+                                                f"({default('epochs')})")
     g.add_argument("--batch-size", type=int, default=batch_size, help="packed rows per device per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    g.add_argument("--learning-rate", "--lr", type=float, default=learning_rate,
-                   help=lr_help or "peak learning rate (default: from --preset)")
-    g.add_argument("--lr-scheduler", default="cosine",
-                   choices=["cosine", "linear", "constant", "constant_with_warmup"], help="learning-rate schedule")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps spent warming up")
+    g.add_argument("--learning-rate", "--lr", type=float, help=f"peak learning rate ({default('learning_rate')})")
+    g.add_argument("--lr-scheduler", choices=LR_SCHEDULERS,
+                   help=f"learning-rate schedule ({default('lr_scheduler')})")
+    g.add_argument("--warmup-ratio", type=float,
+                   help=f"fraction of the steps spent warming up ({default('warmup_ratio')})")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and held-out split")
@@ -42,8 +51,56 @@ def add_train_flags(p: argparse.ArgumentParser, *, learning_rate: float | None, 
                         "bitwise-reproducible across machine loads (at most 4 per CPU core)")
 
 
+def add_lora_flags(g: argparse._ArgumentGroup, *, defaults: Any = None, alpha_note: str = "") -> None:
+    """``--lora-r``, ``--lora-alpha``, ``--lora-dropout``, ``--lora-variant``, ``--no-fused-lora``, all defaulting
+    to None = the recipe's settings (``defaults``, a LoraSettings shown in the help; None: "from --preset")."""
+    from tellneo.recipes.lora import LORA_VARIANTS
+
+    def default(name: str) -> str:
+        return f"default: {getattr(defaults, name)}" if defaults is not None else "default: from --preset"
+
+    g.add_argument("--lora-r", type=int, help=f"LoRA rank ({default('r')})")
+    g.add_argument("--lora-alpha", type=float, help=f"LoRA alpha ({default('alpha')}{alpha_note})")
+    g.add_argument("--lora-dropout", type=float, help=f"LoRA dropout ({default('dropout')})")
+    g.add_argument("--lora-variant", choices=LORA_VARIANTS,
+                   help="lora: plain LoRA, scaling alpha/r (the default); rslora: rank-stabilised LoRA, scaling "
+                        "alpha/sqrt(r); dora: weight-decomposed LoRA (a learned magnitude per output feature; runs "
+                        "PEFT's own forward, named in the patch report); pissa: A and B initialised from the "
+                        "principal singular vectors of each weight, the base keeping the residual (PEFT's "
+                        "init_lora_weights='pissa')")
+    g.add_argument("--no-fused-lora", action="store_true",
+                   help="run PEFT's own LoRA forward instead of tellneo's fused lora_linear")
+
+
+def lora_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The LoraSettings fields the flags of :func:`add_lora_flags` set (None: left to the recipe)."""
+    return dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, variant=args.lora_variant,
+                patch=False if args.no_fused_lora else None)
+
+
+def add_output_flags(p: argparse.ArgumentParser, default_dir: str) -> None:
+    """The "output" group: ``--output-dir``, the run-directory and save flags, ``--quiet``."""
+    from pathlib import Path
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", type=Path, default=Path(default_dir), help="run directory")
+    add_run_dir_flags(g)
+    add_save_flags(g)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_command(args: argparse.Namespace, build: Any, run: Any) -> dict[str, Any]:
+    """Build a recipe config from the flags (``build(args)``), set the thread count and ``run`` it with the
+    run-control flags; a RecipeError becomes the CLI's one-line UserError. Returns the summary."""
+    with recipe_errors():
+        cfg = build(args)
+        apply_threads(args.threads)
+        return run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                   report_to=args.report_to)
+
+
 def add_run_dir_flags(g: argparse._ArgumentGroup) -> None:
-    """``--resume`` and ``--overwrite``, the two ways to reuse a run directory (:mod:`tellneo.recipes.training`)."""
+    """``--resume`` and ``--overwrite``, the two ways to reuse a run directory (:mod:`tellneo.recipes.run_dir`)."""
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its last readable checkpoint (refused, naming the "
                         "change, when the configuration or a data file's contents changed)")
@@ -54,10 +111,12 @@ def add_run_dir_flags(g: argparse._ArgumentGroup) -> None:
 
 def add_save_flags(g: argparse._ArgumentGroup) -> None:
     """``--save-merged``, ``--merged-dtype``, ``--save-gguf`` (see :mod:`tellneo.recipes.outputs`)."""
+    from tellneo.recipes.outputs import MERGED_DTYPES
+
     g.add_argument("--save-merged", action="store_true",
                    help="also save OUTPUT_DIR/merged: the model with the LoRA adapter merged in, a plain HF "
                         "directory (lora mode; --mode full saves the whole model anyway)")
-    g.add_argument("--merged-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+    g.add_argument("--merged-dtype", default="fp32", choices=tuple(MERGED_DTYPES),
                    help="dtype of the merged model and of the GGUF file")
     g.add_argument("--save-gguf", action="store_true",
                    help="also save OUTPUT_DIR/model.gguf: the merged (or fully trained) model with its tokenizer "
@@ -71,6 +130,7 @@ def save_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The TrainSettings of the flags of :func:`add_train_flags` (None fields: the recipe's)."""
     from tellneo.recipes.training import TrainSettings
 
     values = dict(
@@ -82,6 +142,26 @@ def train_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     )
     values.update(overrides)
     return TrainSettings(**values)
+
+
+def print_result(summary: dict[str, Any], output_dir: Any, lines: list[str]) -> None:
+    """Print a finished run (main process only): the summary table, the recipe's own ``lines``, the machine's
+    load and what was written into ``output_dir``."""
+    from pathlib import Path
+
+    if not summary["main_process"]:
+        return
+    print()
+    print(summary["table"])
+    print()
+    for line in lines:
+        print(line)
+    m0, m1 = summary["machine_at_start"], summary["machine_at_end"]
+    print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores ({m0['busy_cores']} busy "
+          f"with other work at the start), load average "
+          f"{m0['load_avg_1min']} at the start and {m1['load_avg_1min']} at the end")
+    print(f"wrote {output_dir}/summary.md, summary.json, metrics.jsonl, loss_curve.png, "
+          + ", ".join(f"{Path(p).name}{'' if p.endswith('.gguf') else '/'}" for p in summary["outputs"].values()))
 
 
 def apply_threads(requested: int) -> int:
@@ -111,7 +191,7 @@ def apply_threads(requested: int) -> int:
 def recipe_errors() -> Iterator[None]:
     """Re-raise a recipe's configuration/data errors as the CLI's UserError (one line, exit status 2)."""
     from tellneo.commands._common import UserError
-    from tellneo.recipes.common import RecipeError
+    from tellneo.recipes.errors import RecipeError
 
     # transformers/peft deprecation chatter about their own internals is not actionable for a CLI user
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)

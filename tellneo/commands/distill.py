@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from tellneo.commands._config import add_config_flag
+from tellneo.commands._config import add_config_flag, kd_flags, lora_flags
 from tellneo.commands._train_flags import (
-    add_run_dir_flags,
-    add_save_flags,
+    add_lora_flags,
+    add_output_flags,
     add_train_flags,
-    apply_threads,
-    recipe_errors,
+    lora_changes,
+    print_result,
+    run_command,
     save_options,
     train_settings,
 )
+from tellneo.recipes.settings import DIVERGENCES, MODES, PRESETS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,25 +45,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--layers", default="every_other",
                    help="teacher layers the built student keeps: every_other, first_n[:K], a ratio (0.5) or a "
                         "comma-separated list (0,2,4)")
-    g.add_argument("--mode", default="lora", choices=["lora", "full"],
+    g.add_argument("--mode", default="lora", choices=MODES,
                    help="train LoRA adapters only (NEO) or every student weight")
-    g.add_argument("--preset", default="default", choices=["default", "neo"],
+    g.add_argument("--preset", default="default", choices=tuple(PRESETS),
                    help="default: LoRA r16/alpha32/dropout 0.05, KD weight 0.5, lr 1e-3 (a short CPU run); neo: "
                         "the LLM-NEO authors' settings (r64, alpha 128, dropout 0, KD weight 0.5, lr 2e-4, cosine, "
-                        "10%% warm-up); explicit flags below override either")
-    g.add_argument("--lora-r", type=int, help="LoRA rank (default: from --preset)")
-    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: from --preset; neo: 2 x rank)")
-    g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: from --preset)")
-    g.add_argument("--no-fused-lora", action="store_true",
-                   help="run PEFT's own LoRA forward instead of tellneo's fused lora_linear")
+                        "10%% warm-up); every LoRA, loss and optimiser flag below left unset comes from the preset "
+                        "(the same as DistillConfig(preset=...) in Python), and one given overrides it")
+    add_lora_flags(g, alpha_note="; neo: 2 x --lora-r")
 
     g = p.add_argument_group("loss")
     g.add_argument("--alpha", type=float, help="KD weight in [0, 1]; CE gets 1 - alpha; 0 = CE only (default: "
                                                "from --preset, 0.5)")
     g.add_argument("--temperature", type=float, help="KD temperature (default: from --preset, 1)")
-    g.add_argument("--divergence", choices=["forward_kl", "reverse_kl", "jsd"],
+    g.add_argument("--divergence", choices=DIVERGENCES,
                    help="KD divergence (default: from --preset, forward_kl = KL(teacher||student))")
-    g.add_argument("--beta", type=float, default=0.5, help="JSD interpolation weight (only with --divergence jsd)")
+    g.add_argument("--beta", type=float, help="JSD interpolation weight, only with --divergence jsd (default: from "
+                                              "--preset, 0.5)")
     g.add_argument("--offline-topk", type=int, default=0,
                    help="K > 0: precompute the teacher's top-K log-probabilities once (to OUTPUT_DIR/teacher_topk, "
                         "resumable) and train without the teacher; held-out KL is then the top-K bucket KL")
@@ -76,57 +77,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "summary, and a held-out set that would lose more than half of its records is refused")
     g.add_argument("--eval-batch-size", type=int, default=4, help="rows per evaluation batch")
 
-    add_train_flags(p, learning_rate=None, max_steps=24)
-    g = p.add_argument_group("output")
-    g.add_argument("--output-dir", type=Path, default=Path("outputs/distill"), help="run directory")
-    add_run_dir_flags(g)
-    add_save_flags(g)
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_train_flags(p, max_steps=24)
+    add_output_flags(p, "outputs/distill")
     add_config_flag(p, "distill", _manifest_flags)
     p.set_defaults(run=run)
 
 
 def _manifest_flags(config: dict) -> dict:
-    """Manifest entries whose flag differs in name or meaning (see :mod:`tellneo.commands._config`)."""
-    flags = {"no_fused_lora": not config.pop("fused_lora", True)}
+    """Manifest entries whose flag differs in name or meaning (see :mod:`tellneo.commands._config`): the ``lora``
+    and ``kd`` blocks, and the former flat ``fused_lora``."""
+    flags = {**lora_flags(config), **kd_flags(config)}
+    if "fused_lora" in config:  # manifests written before the settings were composed
+        flags["no_fused_lora"] = not config.pop("fused_lora")
     if "max_samples" in config:
         flags["max_samples"] = config.pop("max_samples") or 0
     return flags
 
 
-def run(args: argparse.Namespace) -> int:
-    from tellneo.recipes.distill import DistillConfig, run_distill
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`tellneo.recipes.distill.DistillConfig` of parsed ``tellneo distill`` flags: every LoRA, loss
+    and optimiser flag left unset is the preset's, resolved by the recipe (so ``--preset neo`` is
+    ``DistillConfig(preset="neo")``). RecipeError for a bad value."""
+    from tellneo.recipes.distill import DistillConfig, get_preset
 
-    with recipe_errors():
-        lr = args.learning_rate if args.learning_rate is not None else (2e-4 if args.preset == "neo" else 1e-3)
-        cfg = DistillConfig(
-            teacher=str(args.teacher) if args.teacher else None,
-            student=str(args.student) if args.student else None,
-            layers=args.layers, data=str(args.data) if args.data else None,
-            max_samples=args.max_samples or None, eval_samples=args.eval_samples, seq_len=args.seq_len,
-            mode=args.mode, preset=args.preset, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, fused_lora=not args.no_fused_lora, alpha=args.alpha,
-            temperature=args.temperature, divergence=args.divergence, beta=args.beta,
-            offline_topk=args.offline_topk, eval_batch_size=args.eval_batch_size, **save_options(args),
-            output_dir=str(args.output_dir), train=train_settings(args, learning_rate=lr),
-        )
-        apply_threads(args.threads)
-        summary = run_distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                              report_to=args.report_to)
-    if not summary["main_process"]:
-        return 0
-    print()
-    print(summary["table"])
+    preset = get_preset(args.preset)
+    try:
+        lora = preset.lora_with(**lora_changes(args))
+        kd = preset.kd.replace(alpha=args.alpha, temperature=args.temperature, divergence=args.divergence,
+                               beta=args.beta)
+    except ValueError as exc:
+        from tellneo.recipes.errors import RecipeError
+
+        raise RecipeError(str(exc)) from None
+    return DistillConfig(
+        teacher=str(args.teacher) if args.teacher else None,
+        student=str(args.student) if args.student else None,
+        layers=args.layers, data=str(args.data) if args.data else None,
+        max_samples=args.max_samples or None, eval_samples=args.eval_samples, seq_len=args.seq_len,
+        mode=args.mode, preset=args.preset, lora=lora, kd=kd, offline_topk=args.offline_topk,
+        eval_batch_size=args.eval_batch_size, **save_options(args), output_dir=str(args.output_dir),
+        train=train_settings(args),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tellneo.recipes.distill import run_distill
+
+    summary = run_command(args, config_from_args, run_distill)
     t = summary["timings"]
-    print(f"\nstudent: {summary['student']['num_layers']} layers ({summary['student']['source']}), "
-          f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters trained, "
-          f"{summary['steps']} steps of {summary['global_batch_rows']} x {summary['seq_len']} tokens")
-    print(f"time: {t['total_s']:.0f} s in all (training {t['train_s']:.0f} s, evaluation "
-          f"{t['eval_before_s'] + t['eval_after_s']:.0f} s, loading {t['load_models_s']:.0f} s)")
-    m0, m1 = summary["machine_at_start"], summary["machine_at_end"]
-    print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores ({m0['busy_cores']} busy "
-          f"with other work at the start), load average "
-          f"{m0['load_avg_1min']} at the start and {m1['load_avg_1min']} at the end")
-    print(f"wrote {args.output_dir}/summary.md, summary.json, metrics.jsonl, loss_curve.png, "
-          + ", ".join(f"{Path(p).name}{'' if p.endswith('.gguf') else '/'}" for p in summary["outputs"].values()))
+    print_result(summary, args.output_dir, [
+        f"student: {summary['student']['num_layers']} layers ({summary['student']['source']}), "
+        f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters trained, "
+        f"{summary['steps']} steps of {summary['global_batch_rows']} x {summary['seq_len']} tokens",
+        f"time: {t['total_s']:.0f} s in all (training {t['train_s']:.0f} s, evaluation "
+        f"{t['eval_before_s'] + t['eval_after_s']:.0f} s, loading {t['load_models_s']:.0f} s)"])
     return 0

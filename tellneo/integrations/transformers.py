@@ -49,7 +49,7 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def _target(model: nn.Module) -> nn.Module:
-    from tellneo.recipes.common import _transformers_model, decoder_of
+    from tellneo.recipes.model_parts import _transformers_model, decoder_of
 
     lm = _transformers_model(model)
     decoder_of(lm)  # raises TypeError naming the class for a model without a decoder body
@@ -80,7 +80,7 @@ def _as_keywords(lm: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str
 
 
 def _fused_forward(lm: nn.Module, state: dict[str, Any], kwargs: dict[str, Any]) -> Any:
-    from tellneo.recipes.common import _capture_output, decoder_of, teacher_hidden_state
+    from tellneo.recipes.model_parts import _capture_output, decoder_of, hidden_state_no_grad
 
     labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
     num_items = kwargs.get("num_items_in_batch")
@@ -107,7 +107,7 @@ def _fused_forward(lm: nn.Module, state: dict[str, Any], kwargs: dict[str, Any])
     kd = state["kd"]
     if teacher is not None and kd.alpha > 0:
         teacher_inputs = {k: model_kwargs[k] for k in _MODEL_INPUTS if model_kwargs.get(k) is not None}
-        teacher_rows = teacher_hidden_state(teacher, teacher_inputs)[valid]
+        teacher_rows = hidden_state_no_grad(teacher, teacher_inputs)[valid]
         teacher_spec = read_head(teacher, state["teacher_transform"])
     parts = fused_head_loss(
         hidden[valid], aligned[valid], read_head(lm, state["transform"]), teacher_rows, teacher_spec,
@@ -191,7 +191,7 @@ class CausalLMPatch:
 
 def is_patched(model: nn.Module) -> bool:
     """Whether the ``*ForCausalLM`` inside ``model`` currently has :func:`patch_causal_lm`'s forward."""
-    from tellneo.recipes.common import _transformers_model
+    from tellneo.recipes.model_parts import _transformers_model
 
     return _MARK in vars(_transformers_model(model))
 

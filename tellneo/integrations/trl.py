@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tellneo.recipes.common import last_hidden_state, teacher_hidden_state
+from tellneo.recipes.model_parts import hidden_state_no_grad, last_hidden_state
 from tellneo.recipes.head import fused_head_loss, read_head
 
 try:  # TRL >= 0.2x moved GKD to trl.experimental
@@ -58,7 +58,7 @@ def gkd_fused_loss(student: nn.Module, teacher: nn.Module, inputs: dict[str, Any
     """
     model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask") if inputs.get(k) is not None}
     student_hidden = last_hidden_state(student, model_inputs)[:, :-1]
-    teacher_hidden = teacher_hidden_state(teacher, model_inputs)[:, :-1]
+    teacher_hidden = hidden_state_no_grad(teacher, model_inputs)[:, :-1]
     labels = inputs["labels"][:, 1:].to(student_hidden.device)
     valid = labels != -100
     return fused_head_loss(

@@ -1,10 +1,11 @@
 """The NEO distillation run behind ``tellneo distill``: load the teacher, build (or load) the student, tokenize and
-pack general instruction data, evaluate, train with :class:`tellneo.recipes.neo.NeoTrainer`, evaluate again and
-write the run directory (see :mod:`tellneo.recipes.training`).
+pack general instruction data, evaluate, train with :class:`tellneo.recipes.neo.KDTrainer`, evaluate again and
+write the run directory (the skeleton: :mod:`tellneo.recipes.run`; the directory: :mod:`tellneo.recipes.run_dir`).
 
-``run_distill(DistillConfig(...))`` is the Python entry point; every field has the CLI flag of the same name. The
-arms of the NEO experiments are configurations of it: ``mode="lora", alpha=0`` (plain LoRA SFT), ``mode="lora"``
-(NEO), ``mode="full"`` (full-parameter KD) and ``mode="full", alpha=0`` (full-parameter CE).
+``run_distill(DistillConfig(...))`` is the Python entry point; ``tellneo distill`` builds its config from the flags
+(:func:`tellneo.commands.distill.config_from_args`), and a preset means the same from both. The arms of the NEO
+experiments are configurations of it: ``mode="lora", kd=KDSettings(alpha=0)`` (plain LoRA SFT), ``mode="lora"``
+(NEO), ``mode="full"`` (full-parameter KD) and ``mode="full", kd=KDSettings(alpha=0)`` (full-parameter CE).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import Any
 import torch
 
 from tellneo.data.planning import MAX_SEQ_LEN
-from tellneo.io import file_sha256, lock_run_dir
-from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
-from tellneo.recipes.neo import NEO_PRESET, KDSettings, NeoTrainer, build_student, check_compatible, parse_layers
+from tellneo.io import file_sha256
+from tellneo.recipes.config import accepts_flat_names
+from tellneo.recipes.errors import RecipeError
+from tellneo.recipes.lora import LoraSettings, attach_lora
+from tellneo.recipes.model_parts import float_copy
+from tellneo.recipes.neo import build_student, check_compatible, parse_layers
 from tellneo.recipes.outputs import (
     OUTPUT_OPTIONS,
     STUDENT_BASE,
@@ -29,31 +33,53 @@ from tellneo.recipes.outputs import (
     check_output_options,
     point_adapter_at,
 )
-from tellneo.recipes.training import (
-    CHECKPOINTS,
-    METRICS,
-    TrainSettings,
-    check_run_dir,
-    open_run_dir,
-    run_training,
-    seconds_per_step,
-)
+from tellneo.recipes.run import RecipeRun, TrainedRun, run_recipe
+from tellneo.recipes.settings import MODES, KDSettings, NeoPreset
+from tellneo.recipes.settings import PRESETS as PRESET_SETTINGS
+from tellneo.recipes.training import TrainSettings
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["DistillConfig", "load_distilled_student", "run_distill"]
+__all__ = ["MODES", "PRESETS", "DistillConfig", "get_preset", "load_distilled_student", "run_distill"]
 
-PRESETS = ("default", "neo")
+PRESETS = tuple(PRESET_SETTINGS)  # the preset names (the settings: tellneo.recipes.neo.PRESETS)
 MIN_EVAL_KEPT = 0.5  # refuse a held-out set that loses more than half its records to --seq-len
 
 
+def _from_flat_names(flat: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """The keywords of the former flat config (``lora_r=8, alpha=0.9, ...``) as ``lora`` / ``kd`` settings
+    resolved against the preset, the way the former config resolved them."""
+    preset = get_preset(kwargs.get("preset", "default"))
+    lora_names = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "fused_lora": "patch"}
+    lora = {lora_names[k]: v for k, v in flat.items() if k in lora_names}
+    kd = {k: v for k, v in flat.items() if k not in lora_names}
+    try:
+        if lora:
+            if kwargs.get("lora") is not None:
+                raise TypeError("DistillConfig: give lora= or the former lora_r/lora_alpha/lora_dropout/fused_lora")
+            kwargs["lora"] = preset.lora_with(**lora)
+        if kd:
+            if kwargs.get("kd") is not None:
+                raise TypeError("DistillConfig: give kd= or the former alpha/temperature/divergence/beta")
+            kwargs["kd"] = preset.kd.replace(**kd)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+@accepts_flat_names(("lora_r", "lora_alpha", "lora_dropout", "fused_lora", "alpha", "temperature", "divergence",
+                     "beta"), _from_flat_names)
 @dataclass
 class DistillConfig:
     """Everything a distillation run depends on (also its manifest: a different config is a different run).
 
-    ``None`` loss/LoRA/optimiser fields take the preset's value: ``preset="default"`` is LoRA rank 16, alpha 32,
-    dropout 0.05, KD weight 0.5, forward KL, T = 1, lr 1e-3 (a short CPU run); ``preset="neo"`` is
-    :data:`tellneo.recipes.neo.NEO_PRESET` (rank 64, alpha 128, dropout 0, lr 2e-4, cosine, 10% warm-up).
+    ``preset`` (:data:`tellneo.recipes.neo.PRESETS`) decides every setting left unset: ``lora`` / ``kd`` given as
+    ``None`` are the preset's, and so are the ``None`` fields of ``train`` (learning rate, schedule, warm-up,
+    epochs; :meth:`resolve`). ``preset="default"`` is LoRA rank 16, alpha 32, dropout 0.05, KD weight 0.5, forward
+    KL, T = 1, lr 1e-3 (a short CPU run); ``preset="neo"`` is :data:`tellneo.recipes.neo.NEO_PRESET` (rank 64,
+    alpha 128, dropout 0, lr 2e-4, cosine, 10% warm-up). To change one field of a preset's settings, pass e.g.
+    ``lora=NEO_PRESET.lora_with(r=8)``. ``tellneo distill --preset P`` builds the same settings
+    (:func:`tellneo.commands.distill.config_from_args`). The former flat keywords (``lora_r``, ``alpha``, ...) are
+    still accepted, with a DeprecationWarning.
     """
 
     teacher: str | None = None  # GGUF file or HF directory; None = the embedded SmolLM2-135M-Instruct
@@ -63,47 +89,26 @@ class DistillConfig:
     max_samples: int | None = 1200
     eval_samples: int = 24
     seq_len: int = 512
-    mode: str = "lora"  # "lora" or "full"
+    mode: str = "lora"  # one of MODES
     preset: str = "default"
-    lora_r: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float | None = None
-    fused_lora: bool = True
-    alpha: float | None = None
-    temperature: float | None = None
-    divergence: str | None = None
-    beta: float = 0.5
+    lora: LoraSettings | None = None  # None = the preset's (mode "lora" only)
+    kd: KDSettings | None = None  # None = the preset's
     offline_topk: int = 0  # > 0: precompute the teacher's top-k once and train without the teacher
     eval_batch_size: int = 4
     save_merged: bool = False  # also OUTPUT/merged: the adapter merged in (lora mode)
     merged_dtype: str = "fp32"  # dtype of merged/ and model.gguf: fp32, bf16 or fp16
     save_gguf: bool = False  # also OUTPUT/model.gguf (tellneo.export.export_gguf)
     output_dir: str = "outputs/distill"
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=24))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(max_steps=24))  # None fields: the preset's
 
-    def resolved(self) -> tuple[LoraSettings, KDSettings]:
-        if self.preset not in PRESETS:
-            raise RecipeError(f"preset must be one of {PRESETS}, got {self.preset!r}")
-        if self.mode not in ("lora", "full"):
-            raise RecipeError(f"mode must be 'lora' or 'full', got {self.mode!r}")
-        base_lora = NEO_PRESET.lora if self.preset == "neo" else LoraSettings()
-        base_kd = NEO_PRESET.kd if self.preset == "neo" else KDSettings()
-        try:
-            lora = LoraSettings(
-                r=self.lora_r if self.lora_r is not None else base_lora.r,
-                alpha=self.lora_alpha if self.lora_alpha is not None else (
-                    2.0 * self.lora_r if self.preset == "neo" and self.lora_r is not None else base_lora.alpha),
-                dropout=self.lora_dropout if self.lora_dropout is not None else base_lora.dropout,
-                patch=self.fused_lora,
-            )
-            kd = KDSettings(
-                alpha=self.alpha if self.alpha is not None else base_kd.alpha,
-                temperature=self.temperature if self.temperature is not None else base_kd.temperature,
-                divergence=self.divergence or base_kd.divergence,
-                beta=self.beta,
-            )
-        except ValueError as exc:
-            raise RecipeError(str(exc)) from None
+    def resolve(self) -> tuple[LoraSettings, KDSettings, TrainSettings]:
+        """``(lora, kd, train)`` with everything left unset taken from the preset; RecipeError for a bad config."""
+        preset = get_preset(self.preset)
+        if self.mode not in MODES:
+            raise RecipeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        lora = self.lora if self.lora is not None else preset.lora
+        kd = self.kd if self.kd is not None else preset.kd
+        train = self.train.resolve(preset.train_defaults())
         if not 16 <= self.seq_len <= MAX_SEQ_LEN:
             raise RecipeError(f"seq-len must be in [16, {MAX_SEQ_LEN}], got {self.seq_len}")
         if self.eval_samples <= 0:
@@ -111,17 +116,32 @@ class DistillConfig:
         if self.offline_topk < 0:
             raise RecipeError(f"offline-topk must be >= 0, got {self.offline_topk}")
         check_output_options(self.merged_dtype)
+        return lora, kd, train
+
+    def resolved(self) -> tuple[LoraSettings, KDSettings]:
+        """``(lora, kd)`` of :meth:`resolve`."""
+        lora, kd, _ = self.resolve()
         return lora, kd
 
     def manifest(self) -> dict[str, Any]:
-        lora, kd = self.resolved()
+        """The run's identity: every setting resolved (so ``preset="neo"`` from Python and ``--preset neo`` from
+        the CLI are one run), without where and what to save."""
+        lora, kd, train = self.resolve()
         d = asdict(self)
         for name in ("output_dir", *OUTPUT_OPTIONS):  # where and what to save does not change the run
             d.pop(name)
-        d["resolved_lora"] = lora.to_dict() if self.mode == "lora" else None
-        d["resolved_kd"] = asdict(kd)
+        d["lora"] = lora.to_dict() if self.mode == "lora" else None
+        d["kd"] = asdict(kd)
+        d["train"] = train.to_dict()
         d["data_sha256"] = file_sha256(self.data)  # the file's contents: --resume refuses changed data
         return d
+
+
+def get_preset(name: str) -> NeoPreset:
+    """The preset called ``name`` (:data:`tellneo.recipes.neo.PRESETS`); RecipeError naming the choices."""
+    if name not in PRESET_SETTINGS:
+        raise RecipeError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return PRESET_SETTINGS[name]
 
 
 def _load_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
@@ -191,189 +211,157 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = F
     unreadable model), FileExistsError / PermissionError (output directory), KeyboardInterrupt after a Ctrl-C
     (a checkpoint of the last finished step is saved: rerun with ``resume=True``).
     """
-    from tellneo.models import hf_progress_bars
-
-    with hf_progress_bars(progress):  # progress=False also silences transformers' loading/saving bars
-        return _run_distill(cfg, resume=resume, overwrite=overwrite, progress=progress, report_to=report_to)
+    return run_recipe(_DistillRun(cfg), resume=resume, overwrite=overwrite, progress=progress, report_to=report_to)
 
 
-def _run_distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 report_to: str | list[str] = "none") -> dict[str, Any]:
-    """The body of :func:`run_distill`."""
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-    from transformers import set_seed
+class _DistillRun(RecipeRun):
+    """The NEO recipe's parts of :func:`tellneo.recipes.run.run_recipe`."""
 
-    from tellneo.data import PackedCollator, PackedDataset
-    from tellneo.models import check_model_path, load_causal_lm
-    from tellneo.recipes.evaluate import distill_metrics, eval_batches
-    from tellneo.recipes.offline import TopkCollator, TopkDataset, precompute_teacher_topk
-    from tellneo.recipes.records import general_records, split_records, tokenize
-    from tellneo.recipes.reporting import (
-        StageBar,
-        machine_state,
-        markdown_table,
-        plot_loss_curve,
-        write_summary,
-    )
-    from tellneo.recipes.outputs import save_model_outputs
-    from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
+    stages = 5
 
-    t_start = time.perf_counter()
-    lora, kd = cfg.resolved()
-    manifest = cfg.manifest()
-    out = Path(cfg.output_dir)
-    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
-    state = PartialState()
-    if state.is_main_process:
-        check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
-        lock_run_dir(out, create=False)  # a run already in that directory: refuse now, not after loading
-    check_model_path(cfg.teacher, "teacher path")
-    check_model_path(cfg.student, "student path")
-    timings: dict[str, float] = {}
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.cfg = cfg
+        self.lora, self.kd, self.train = cfg.resolve()
+        self.manifest = cfg.manifest()
+        self.mode, self.output_dir = cfg.mode, Path(cfg.output_dir)
 
-    machine_start = machine_state()
-    with StageBar(5, "preparing", enabled=progress) as stage:
+    def check_models(self) -> None:
+        from tellneo.models import check_model_path
+
+        check_model_path(self.cfg.teacher, "teacher path")
+        check_model_path(self.cfg.student, "student path")
+
+    def prepare(self, stage: Any, timings: dict[str, float]) -> Any:
+        from tellneo.data import PackedDataset
+        from tellneo.models import load_causal_lm
+        from tellneo.recipes.records import general_records, split_records, tokenize
+
+        cfg, train = self.cfg, self.train
         stage("reading data")
-        records, source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
-        train_records, eval_records = split_records(records, cfg.eval_samples, cfg.train.seed)
+        records, self.source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
+        train_records, eval_records = split_records(records, cfg.eval_samples, train.seed)
 
         t0 = time.perf_counter()
         stage("loading the teacher")
-        teacher, tokenizer = load_causal_lm(cfg.teacher)
+        self.teacher, self.tokenizer = load_causal_lm(cfg.teacher)
         stage("building the student" if cfg.student is None else "loading the student")
-        student, student_info = _load_student(cfg, teacher, tokenizer)
+        self.model, self.student_info = _load_student(cfg, self.teacher, self.tokenizer)
         if cfg.save_gguf:
-            check_gguf_export(student, tokenizer)
+            check_gguf_export(self.model, self.tokenizer)
         timings["load_models_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         stage(f"tokenizing {len(records)} records")
-        vocab = int(student.get_output_embeddings().weight.shape[0])
+        self.vocab = vocab = int(self.model.get_output_embeddings().weight.shape[0])
         if cfg.offline_topk > vocab:  # checked before the run directory is touched
             raise RecipeError(f"offline-topk {cfg.offline_topk} is more than the vocabulary ({vocab} ids)")
-        train_store = tokenize(train_records, tokenizer, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
-        eval_store = tokenize(eval_records, tokenizer, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
-        dropped = check_kept(len(train_records), len(train_store), len(eval_records), len(eval_store), cfg.seq_len)
+        tok = self.tokenizer
+        self.train_store = tokenize(train_records, tok, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
+        self.eval_store = tokenize(eval_records, tok, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
+        self.dropped = check_kept(len(train_records), len(self.train_store), len(eval_records),
+                                  len(self.eval_store), cfg.seq_len)
         stage("packing")
-        pad_id = tokenizer.pad_token_id or 0
-        train_ds = PackedDataset(train_store, cfg.seq_len, seed=cfg.train.seed, shuffle=True, pad_id=pad_id)
-        eval_ds = PackedDataset(eval_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
-        global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
-        if train_ds.steps_per_epoch(cfg.train.batch_size * cfg.train.grad_accum, state.num_processes) == 0:
-            raise RecipeError(f"the training data packs into {len(train_ds)} rows of {cfg.seq_len} tokens, fewer "
-                              f"than one global batch ({global_batch} rows): add data or lower "
-                              "--batch-size/--grad-accum")
+        pad_id = tok.pad_token_id or 0
+        self.train_ds = PackedDataset(self.train_store, cfg.seq_len, seed=train.seed, shuffle=True, pad_id=pad_id)
+        self.eval_ds = PackedDataset(self.eval_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
         timings["data_s"] = time.perf_counter() - t0
+        return self.train_ds
 
-    # inputs are valid: now the run directory is created (or reopened) and written
-    with state.main_process_first():
-        out, resume_from = open_run_dir(out, manifest, resume=resume, overwrite=overwrite,
-                                        is_main=state.is_main_process)
+    def after_open(self, timings: dict[str, float]) -> None:
+        from tellneo.data import PackedCollator
+        from tellneo.recipes.offline import TopkCollator, TopkDataset, precompute_teacher_topk
 
-    dataset, collator, extra = train_ds, PackedCollator("rows"), None
-    if cfg.offline_topk > 0 and kd.alpha > 0:
+        cfg, state, out = self.cfg, self.state, self.out
+        self.dataset, self.collator, self.eval_extra = self.train_ds, PackedCollator("rows"), None
+        self.teacher_cache: dict[int, torch.Tensor] = {}
+        if not (cfg.offline_topk > 0 and self.kd.alpha > 0):
+            return
         t0 = time.perf_counter()
-        epochs = list(range(_epochs_needed(cfg.train, len(train_ds), global_batch)))
+        epochs = list(range(_epochs_needed(self.train, len(self.train_ds), self.global_batch)))
         with state.main_process_first():
             if state.is_main_process:
-                precompute_teacher_topk(teacher, train_ds, out / "teacher_topk" / "train", k=cfg.offline_topk,
-                                        temperature=kd.temperature, epochs=epochs, vocab_size=vocab,
-                                        progress=progress)
-                precompute_teacher_topk(teacher, eval_ds, out / "teacher_topk" / "eval", k=cfg.offline_topk,
-                                        temperature=kd.temperature, vocab_size=vocab, progress=progress)
-        dataset = TopkDataset(train_ds, out / "teacher_topk" / "train")
-        eval_topk = TopkDataset(eval_ds, out / "teacher_topk" / "eval")
-        extra = eval_topk.topk
-        collator = TopkCollator()
-        del teacher
-        teacher = None
+                precompute_teacher_topk(self.teacher, self.train_ds, out / "teacher_topk" / "train",
+                                        k=cfg.offline_topk, temperature=self.kd.temperature, epochs=epochs,
+                                        vocab_size=self.vocab, progress=self.progress)
+                precompute_teacher_topk(self.teacher, self.eval_ds, out / "teacher_topk" / "eval",
+                                        k=cfg.offline_topk, temperature=self.kd.temperature,
+                                        vocab_size=self.vocab, progress=self.progress)
+        self.dataset = TopkDataset(self.train_ds, out / "teacher_topk" / "train")
+        self.eval_extra = TopkDataset(self.eval_ds, out / "teacher_topk" / "eval").topk
+        self.collator = TopkCollator()
+        self.teacher = None
         timings["teacher_topk_s"] = time.perf_counter() - t0
 
-    def evaluate(model: Any, label: str, cache: dict[int, torch.Tensor]) -> dict[str, float]:
-        n_batches = math.ceil(len(eval_ds) / cfg.eval_batch_size)
-        with tqdm(total=n_batches, desc=f"evaluating ({label})", unit="batch", disable=not progress) as bar:
-            return distill_metrics(model, eval_batches(eval_ds, cfg.eval_batch_size, extra=extra), teacher=teacher,
-                                   teacher_cache=cache, temperature=kd.temperature, progress=bar)
+    def evaluate(self, model: Any, label: str) -> dict[str, Any]:
+        from tqdm.auto import tqdm
 
-    teacher_cache: dict[int, torch.Tensor] = {}
-    t0 = time.perf_counter()
-    before = evaluate(student, "before", teacher_cache)
-    timings["eval_before_s"] = time.perf_counter() - t0
+        from tellneo.recipes.evaluate import distill_metrics, eval_batches
 
-    set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
-    if cfg.mode == "lora":
-        student_info["base"] = _save_student_base(cfg, student, tokenizer, out, is_main=state.is_main_process)
-        model = attach_lora(student, lora)
-    else:
-        model = student.requires_grad_(True)
-    trainable, total = count_parameters(model)
+        n_batches = math.ceil(len(self.eval_ds) / self.cfg.eval_batch_size)
+        with tqdm(total=n_batches, desc=f"evaluating ({label})", unit="batch", disable=not self.progress) as bar:
+            return distill_metrics(model, eval_batches(self.eval_ds, self.cfg.eval_batch_size, extra=self.eval_extra),
+                                   teacher=self.teacher, teacher_cache=self.teacher_cache,
+                                   temperature=self.kd.temperature, progress=bar)
 
-    trainer = NeoTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, teacher=teacher,
-                         kd=kd, callbacks=[MetricsJsonlCallback(out / METRICS)])
-    t0 = time.perf_counter()
-    train_output, interrupted = run_training(trainer, resume_from)
-    timings["train_s"] = time.perf_counter() - t0
-    metrics = read_metrics(out / METRICS) if state.is_main_process else []
-    title = f"tellneo distill: {cfg.mode} student ({student_info['num_layers']} layers), KD weight {kd.alpha}"
-    if state.is_main_process:
-        plot_loss_curve(metrics, out / "loss_curve.png", title=title)
-    if interrupted:
-        raise KeyboardInterrupt(f"training interrupted at step {trainer.state.global_step}; a checkpoint is in "
-                                f"{out / CHECKPOINTS}: rerun with --resume to continue")
+    def trainable_model(self) -> Any:
+        if self.mode == "lora":
+            self.student_info["base"] = _save_student_base(self.cfg, self.model, self.tokenizer, self.out,
+                                                           is_main=self.state.is_main_process)
+            return attach_lora(self.model, self.lora)
+        return self.model.requires_grad_(True)
 
-    t0 = time.perf_counter()
-    after = evaluate(model, "after", teacher_cache)
-    timings["eval_after_s"] = time.perf_counter() - t0
-    if state.is_main_process:  # again, with the held-out points before (step 0) and after training
-        final = trainer.state.global_step
-        plot_loss_curve(metrics, out / "loss_curve.png", title=title, held_out={
-            "held-out ce": [(0, before["ce"]), (final, after["ce"])],
-            "held-out kl": [(0, before["kl"]), (final, after["kl"])]})
+    def trainer_inputs(self) -> tuple[Any, Any]:
+        return self.dataset, self.collator
 
-    if state.is_main_process:
+    def plot(self, metrics: list[dict[str, Any]], before: dict[str, Any] | None = None,
+             after: dict[str, Any] | None = None, final_step: int = 0) -> None:
+        from tellneo.recipes.reporting import plot_loss_curve
+
+        title = (f"tellneo distill: {self.mode} student ({self.student_info['num_layers']} layers), "
+                 f"KD weight {self.kd.alpha}")
+        held_out = None if before is None or after is None else {
+            "held-out ce": [(0, before["ce"]), (final_step, after["ce"])],
+            "held-out kl": [(0, before["kl"]), (final_step, after["kl"])]}
+        plot_loss_curve(metrics, self.out / "loss_curve.png", title=title, held_out=held_out)
+
+    def save(self, model: Any, timings: dict[str, float]) -> dict[str, str]:
+        from tellneo.recipes.outputs import save_model_outputs
+
+        cfg = self.cfg
         t0 = time.perf_counter()
-        written = save_model_outputs(model, out, tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
+        written = save_model_outputs(model, self.out, self.tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
                                      merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf,
                                      model_source=cfg.teacher)
-        if student_info.get("base") == str((out / STUDENT_BASE).resolve()):
-            written[STUDENT_BASE] = student_info["base"]
+        if self.student_info.get("base") == str((self.out / STUDENT_BASE).resolve()):
+            written[STUDENT_BASE] = self.student_info["base"]
         timings["save_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
-    train_rows = [r for r in metrics if "loss" in r]
-    summary = {
-        "recipe": "neo", "mode": cfg.mode, "teacher": cfg.teacher or "embedded SmolLM2-135M-Instruct",
-        "student": student_info, "data": source, "train_records": len(train_store),
-        "eval_records": len(eval_store), "records_dropped_overlong": dropped,
-        "train_rows_per_epoch": len(train_ds), "eval_tokens": before["tokens"],
-        "steps": trainer.state.global_step, "global_batch_rows": global_batch, "seq_len": cfg.seq_len,
-        "trained_tokens_per_epoch": int((train_store.labels != -100).sum()),
-        "lora": lora.to_dict() if cfg.mode == "lora" else None, "kd": asdict(kd),
-        "learning_rate": cfg.train.learning_rate, "trainable_parameters": trainable, "total_parameters": total,
-        "before": before, "after": after,
-        "first_loss": train_rows[0]["loss"] if train_rows else None,
-        "last_loss": train_rows[-1]["loss"] if train_rows else None,
-        "train_runtime_s": getattr(train_output, "metrics", {}).get("train_runtime") if train_output else None,
-        "train_s_per_step": seconds_per_step(timings["train_s"], trainer.state.global_step, resume_from)
-        if train_output is not None else None,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "processes": state.num_processes, "machine_at_start": machine_start, "machine_at_end": machine_state(),
-        "outputs": written if state.is_main_process else {},
-    }
-    table = markdown_table(
-        ["held-out metric", "student before", "student after", "teacher"],
-        [["cross-entropy (nats/token)", before["ce"], after["ce"], before["teacher_ce"]],
-         ["perplexity", before["ppl"], after["ppl"], math.exp(before["teacher_ce"])
-          if not math.isnan(before["teacher_ce"]) else float("nan")],
-         ["KL(teacher || student)", before["kl"], after["kl"], 0.0 if teacher is not None else float("nan")],
-         ["top-1 agreement with teacher", before["top1_agreement"], after["top1_agreement"],
-          1.0 if teacher is not None else float("nan")]],
-    )
-    if state.is_main_process:
-        write_summary(out, summary, table)
-    summary["table"] = table
-    summary["main_process"] = state.is_main_process  # under torchrun only rank 0 reports
-    return summary
+        return written
+
+    def summary(self, run: TrainedRun) -> tuple[dict[str, Any], str]:
+        from tellneo.recipes.reporting import markdown_table
+
+        cfg, before, after, online = self.cfg, run.before, run.after, self.teacher is not None
+        summary = {
+            "recipe": "neo", "mode": cfg.mode, "teacher": cfg.teacher or "embedded SmolLM2-135M-Instruct",
+            "student": self.student_info, "data": self.source, "train_records": len(self.train_store),
+            "eval_records": len(self.eval_store), "records_dropped_overlong": self.dropped,
+            "train_rows_per_epoch": len(self.train_ds), "eval_tokens": before["tokens"],
+            "steps": run.trainer.state.global_step, "global_batch_rows": run.global_batch, "seq_len": cfg.seq_len,
+            "trained_tokens_per_epoch": int((self.train_store.labels != -100).sum()),
+            "lora": self.lora.to_dict() if cfg.mode == "lora" else None, "kd": asdict(self.kd),
+            "learning_rate": self.train.learning_rate, "trainable_parameters": run.trainable,
+            "total_parameters": run.total, "before": before, "after": after,
+        }
+        table = markdown_table(
+            ["held-out metric", "student before", "student after", "teacher"],
+            [["cross-entropy (nats/token)", before["ce"], after["ce"], before["teacher_ce"]],
+             ["perplexity", before["ppl"], after["ppl"], math.exp(before["teacher_ce"])
+              if not math.isnan(before["teacher_ce"]) else float("nan")],
+             ["KL(teacher || student)", before["kl"], after["kl"], 0.0 if online else float("nan")],
+             ["top-1 agreement with teacher", before["top1_agreement"], after["top1_agreement"],
+              1.0 if online else float("nan")]],
+        )
+        return summary, table
 
 
 def load_distilled_student(run_dir: str | Path) -> Any:

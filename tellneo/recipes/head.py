@@ -36,7 +36,8 @@ from torch import nn
 
 from tellneo.ops import fused_linear_kd
 from tellneo.ops.divergences import transform_logits
-from tellneo.recipes.common import RecipeError, _transformers_model, output_head
+from tellneo.recipes.errors import RecipeError
+from tellneo.recipes.model_parts import _transformers_model, output_head
 
 __all__ = ["HeadTransform", "OutputHead", "UnsupportedHeadError", "fused_head_loss", "head_logits",
            "head_transform", "kd_transform_kwargs", "read_head"]

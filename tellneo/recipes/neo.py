@@ -1,23 +1,24 @@
 """LLM-NEO: distil a teacher into a smaller student that trains LoRA adapters only, with the fused KD loss.
 
-* :func:`build_student` — a layer-dropped copy of a Llama- or GPT-2-family teacher (same tokenizer, embeddings, norms and
-  ``lm_head`` copied), and :func:`select_layers` for the layer choice.
+* :func:`build_student` — a layer-dropped copy of a Llama- or GPT-2-family teacher (same tokenizer, embeddings,
+  norms and ``lm_head`` copied), and :func:`select_layers` for the layer choice.
 * :func:`check_compatible` — teacher and student must share token ids (a teacher vocab *padded* beyond the
   student's is fine); raises :class:`VocabMismatchError` otherwise.
-* :class:`KDSettings` and :data:`NEO_PRESET` — loss options, and the NEO authors' configuration.
-* :class:`NeoTrainer` — a ``transformers.Trainer`` whose loss is
+* :class:`KDSettings` and :data:`PRESETS` (:data:`DEFAULT_PRESET`, :data:`NEO_PRESET`) — loss options, and the named
+  distillation configurations (the NEO authors' among them).
+* :class:`KDTrainer` (alias ``NeoTrainer``) — a ``transformers.Trainer`` whose loss is
   ``(1 - alpha) CE(student, labels) + alpha KD(teacher || student)`` from hidden states via
   :func:`tellneo.ops.fused_linear_kd` (neither model's ``[tokens, vocab]`` logits are built).
 
 Bringing an existing smaller student instead of a layer-dropped copy (e.g. Llama-3.2-1B for a Llama-3.1-8B
-teacher): load it as usual and pass it to :func:`check_compatible` and :class:`NeoTrainer`. The hidden sizes may
+teacher): load it as usual and pass it to :func:`check_compatible` and :class:`KDTrainer`. The hidden sizes may
 differ (each model is projected by its own ``lm_head``). The token ids must mean the same thing in both models:
 the student's vocabulary must be a prefix of the teacher's. A teacher whose embedding table is *larger* than the
 student's (vocabularies padded to a multiple of 64/128, or a few extra special tokens at the end) is handled by
 dropping the teacher rows ``>= V_student`` and renormalising the teacher over the shared ids (see
 :func:`tellneo.ops.fused_linear_kd`); any other difference (another tokenizer, a smaller teacher table) is refused.
 
-Multi-process: :class:`NeoTrainer` runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP): the student is
+Multi-process: :class:`KDTrainer` runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP): the student is
 wrapped by the Trainer, each rank holds its own frozen teacher, the loss is normalised by the token count of the
 global batch (``num_items_in_batch`` gathered across ranks), so N ranks give the gradients of one process with the
 same global batch. For models that do not fit one device, use FSDP2: the student through the Trainer's ``fsdp`` /
@@ -34,7 +35,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -42,23 +42,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from tellneo.recipes.common import (
-    LoraSettings,
-    RecipeError,
-    last_hidden_state,
-    output_head,
-    teacher_hidden_state,
-)
+from tellneo.recipes.errors import RecipeError
+from tellneo.recipes.model_parts import hidden_state_no_grad, last_hidden_state, output_head
+from tellneo.recipes.settings import DEFAULT_PRESET, NEO_PRESET, PRESETS, KDSettings, NeoPreset
 from tellneo.recipes.head import OutputHead, fused_head_loss, head_transform, read_head
-from tellneo.recipes.trainer_utils import RecipeTrainerMixin
+from tellneo.recipes.training import RecipeTrainerMixin
 
 logger = logging.getLogger("tellneo")
 
 __all__ = [
+    "DEFAULT_PRESET",
     "KDSettings",
+    "KDTrainer",
     "NEO_PRESET",
     "NeoPreset",
     "NeoTrainer",
+    "PRESETS",
     "VocabMismatchError",
     "build_student",
     "check_compatible",
@@ -147,10 +146,11 @@ def build_student(
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """A smaller student: the teacher's class and weights with only the decoder layers :func:`select_layers`
-    picks (``.model.layers`` of the Llama family or ``.transformer.h`` of the GPT-2 family) (renumbered 0..n-1, so ``layer_idx`` of the attention caches is right), and the embeddings, final norm
-    and ``lm_head`` copied (a tied head stays tied). The student is a new model in ``dtype`` (default: the
-    teacher's) with ``config.num_hidden_layers`` set and ``config.tellneo_teacher_layers`` recording the kept
-    indices; the teacher is not modified. GGUF quantization metadata is not carried over (the copy is trainable).
+    picks (``.model.layers`` of the Llama family or ``.transformer.h`` of the GPT-2 family; renumbered 0..n-1, so
+    ``layer_idx`` of the attention caches is right), and the embeddings, final norm and ``lm_head`` copied (a tied
+    head stays tied). The student is a new model in ``dtype`` (default: the teacher's) with
+    ``config.num_hidden_layers`` set and ``config.tellneo_teacher_layers`` recording the kept indices; the
+    teacher is not modified. GGUF quantization metadata is not carried over (the copy is trainable).
 
     Use the teacher's tokenizer with it. Raises TypeError, naming the supported layouts, for a model with
     neither layer list.
@@ -225,71 +225,10 @@ def check_compatible(teacher: nn.Module, student: nn.Module, teacher_tokenizer: 
             raise VocabMismatchError(f"teacher and student tokenizers disagree on {attr} ({a} vs {b})")
 
 
-# ------------------------------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class KDSettings:
-    """Options of the distillation loss (see :func:`tellneo.ops.fused_linear_kd`).
-
-    ``alpha``: KD weight (CE gets ``1 - alpha``); 0 trains CE only and needs no teacher.
-    ``divergence``: ``forward_kl`` (KL(teacher || student)), ``reverse_kl`` or ``jsd`` (with ``beta``).
-    ``temperature`` divides both models' logits in the KD term; ``t2_scale`` multiplies KD by ``T**2``.
-    """
-
-    alpha: float = 0.5
-    temperature: float = 1.0
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    t2_scale: bool = False
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"KD weight alpha must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.divergence not in ("forward_kl", "reverse_kl", "jsd"):
-            raise ValueError(f"divergence must be forward_kl, reverse_kl or jsd, got {self.divergence!r}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
-
-
-@dataclass(frozen=True)
-class NeoPreset:
-    """A named recipe configuration: LoRA, loss and optimiser settings."""
-
-    lora: LoraSettings
-    kd: KDSettings
-    learning_rate: float
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.1
-    num_train_epochs: float = 1.0
-    notes: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["lora"] = self.lora.to_dict()
-        return d
-
-
-#: The LLM-NEO authors' configuration (their code defaults; their released Llama-3.2-1B student used KD weight 0.9,
-#: rank 128, lr 1e-4 with a Llama-3.1-8B-Instruct teacher). Unlike their code, the KD mask is the CE mask (no
-#: one-position shift between them) and the teacher keeps its dtype (no fp16 cast).
-NEO_PRESET = NeoPreset(
-    lora=LoraSettings(r=64, alpha=128.0, dropout=0.0),
-    kd=KDSettings(alpha=0.5, temperature=1.0, divergence="forward_kl"),
-    learning_rate=2e-4,
-    lr_scheduler_type="cosine",
-    warmup_ratio=0.1,
-    num_train_epochs=1.0,
-    notes="LLM-NEO (Yang et al., arXiv 2411.06839): forward KL, no temperature, LoRA on all linear layers, "
-          "alpha = 2 x rank, dropout 0, KD weight 0.5, rank 64, lr 2e-4 (10x the full-parameter 2e-5), cosine "
-          "schedule with 10% warm-up, one epoch.",
-)
-
-
 # ------------------------------------------------------------------------------------------------- trainer
-class NeoTrainer(RecipeTrainerMixin, Trainer):
-    """``transformers.Trainer`` for NEO distillation (and for CE-only / full-parameter arms of the same loop).
+class KDTrainer(RecipeTrainerMixin, Trainer):
+    """``transformers.Trainer`` with the loss ``(1 - alpha) CE + alpha KD`` from hidden states: NEO distillation,
+    and with ``kd.alpha == 0`` (no teacher) the fused-CE trainer of the CE-only arms and of TELL.
 
     Args (besides the Trainer's):
         teacher: the frozen teacher (put in eval mode, ``requires_grad`` off, moved to ``args.device`` unless it
@@ -306,8 +245,9 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
     of trained positions only and calls :func:`tellneo.ops.fused_linear_kd` with both ``lm_head`` weights and
     each model's own final-logit transform (:func:`tellneo.recipes.head.head_transform`: Gemma-2/3 softcap,
     Granite / Cohere logit scales), so CE and KD are those of ``model(...).logits``; a model whose head is not a
-    plain Linear with a known transform is refused at construction (``UnsupportedHeadError``). Teacher and student may be FSDP2-sharded (``fully_shard``): both are called through
-    their root modules and a sharded head weight is gathered for the loss.
+    plain Linear with a known transform is refused at construction (``UnsupportedHeadError``). Teacher and
+    student may be FSDP2-sharded (``fully_shard``): both are called through their root modules and a sharded head
+    weight is gathered for the loss.
 
     Normalisation: the Trainer counts the trained tokens of the whole accumulated (and, under DDP, gathered)
     batch into ``num_items_in_batch``; the loss is divided by it, so gradient accumulation and DDP give the
@@ -352,10 +292,10 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
             if TOPK_IDS in inputs:
                 topk = (inputs[TOPK_IDS], inputs[TOPK_LOGPROBS])
             elif self.teacher is not None:
-                teacher_hidden = teacher_hidden_state(self.teacher, model_inputs)
+                teacher_hidden = hidden_state_no_grad(self.teacher, model_inputs)
                 teacher_head = read_head(self.teacher, self._teacher_transform)
             else:
-                raise ValueError("NeoTrainer: kd.alpha > 0 needs a teacher model or batches with teacher top-k "
+                raise ValueError("KDTrainer: kd.alpha > 0 needs a teacher model or batches with teacher top-k "
                                  f"({TOPK_IDS}, {TOPK_LOGPROBS}); use alpha=0 for CE only")
         # Only trained positions reach the output heads: prompt, padding and sample-boundary rows (label -100)
         # would contribute neither CE nor KD but cost two [rows, vocab] projections each.
@@ -411,3 +351,6 @@ class NeoTrainer(RecipeTrainerMixin, Trainer):
             self._parts_since_step = self.state.global_step
         super().log(logs, *args, **kwargs)
 
+
+#: The former name of :class:`KDTrainer`.
+NeoTrainer = KDTrainer

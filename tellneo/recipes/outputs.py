@@ -34,7 +34,7 @@ OUTPUT_OPTIONS = ("save_merged", "merged_dtype", "save_gguf")
 
 def check_output_options(merged_dtype: str) -> None:
     """Raise RecipeError for a ``merged_dtype`` that :func:`merged_model` does not know."""
-    from tellneo.recipes.common import RecipeError
+    from tellneo.recipes.errors import RecipeError
 
     if merged_dtype not in MERGED_DTYPES:
         raise RecipeError(f"merged-dtype must be one of {', '.join(MERGED_DTYPES)}, got {merged_dtype!r}")
@@ -69,7 +69,7 @@ def point_adapter_at(model: nn.Module, base_dir: str | os.PathLike[str]) -> str:
 def check_gguf_export(model: nn.Module, tokenizer: Any) -> None:
     """Raise RecipeError (before any training) when ``--save-gguf`` could not write this model or tokenizer."""
     from tellneo.export import ExportError, check_exportable
-    from tellneo.recipes.common import RecipeError
+    from tellneo.recipes.errors import RecipeError
 
     try:
         check_exportable(model, tokenizer)

@@ -5,7 +5,7 @@ prompt in front of every task sample and spreading the samples through a much la
 jsonl) + general instruction data + anchor prompt -> chat-template tokenization with response-only labels ->
 :func:`tellneo.data.tell_mix_store` and a :class:`tellneo.data.PackedDataset` with ``shuffle=False`` (the rows
 keep the mixed order, read sequentially by the trainer) -> LoRA (default) or full fine-tuning with the fused CE
-loss (:class:`tellneo.recipes.neo.NeoTrainer` with ``alpha=0``) -> exact-match accuracy of greedy answers on a
+loss (:class:`tellneo.recipes.neo.KDTrainer` with ``alpha=0``) -> exact-match accuracy of greedy answers on a
 held-out test split, before and after.
 
 Arms of the TELL experiments are configurations of it:
@@ -28,29 +28,44 @@ from typing import Any
 import numpy as np
 
 from tellneo.data.planning import MAX_SEQ_LEN
-from tellneo.io import file_sha256, lock_run_dir
-from tellneo.recipes.common import LoraSettings, RecipeError, attach_lora, count_parameters, float_copy
+from tellneo.io import file_sha256
+from tellneo.recipes.config import accepts_flat_names
+from tellneo.recipes.errors import RecipeError
+from tellneo.recipes.lora import LoraSettings, attach_lora
+from tellneo.recipes.model_parts import float_copy
 from tellneo.recipes.outputs import OUTPUT_OPTIONS, check_gguf_export, check_output_options
-from tellneo.recipes.training import (
-    CHECKPOINTS,
-    METRICS,
-    TrainSettings,
-    check_run_dir,
-    open_run_dir,
-    run_training,
-    seconds_per_step,
-)
+from tellneo.recipes.run import RecipeRun, TrainedRun, run_recipe
+from tellneo.recipes.settings import MODES, TELL_METHODS, TELL_SPREADS, TELL_TRAIN_DEFAULTS
+from tellneo.recipes.training import TrainSettings
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["TellConfig", "build_tell_dataset", "run_tell", "task_exposure"]
+__all__ = ["METHODS", "SPREADS", "TellConfig", "build_tell_dataset", "run_tell", "task_data", "task_exposure"]
 
-METHODS = ("tell", "sft")
+METHODS = TELL_METHODS
+SPREADS = TELL_SPREADS
 
 
+def _from_flat_names(flat: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """The keywords of the former flat config (``lora_r=8, fused_lora=False, ...``) as ``lora`` settings."""
+    if kwargs.get("lora") is not None:
+        raise TypeError("TellConfig: give lora= or the former lora_r/lora_alpha/lora_dropout/fused_lora")
+    names = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "fused_lora": "patch"}
+    try:
+        kwargs["lora"] = LoraSettings().replace(**{names[k]: v for k, v in flat.items()})
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+@accepts_flat_names(("lora_r", "lora_alpha", "lora_dropout", "fused_lora"), _from_flat_names)
 @dataclass
 class TellConfig:
-    """Everything a TELL run depends on (its manifest). See the module docstring for the arms."""
+    """Everything a TELL run depends on (its manifest). See the module docstring for the arms.
+
+    ``lora``: the adapters (mode ``"lora"``); the ``None`` fields of ``train`` (learning rate, schedule, warm-up,
+    epochs) are :data:`tellneo.recipes.settings.TELL_TRAIN_DEFAULTS` (:meth:`resolve`). The former flat keywords
+    (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``fused_lora``) are still accepted, with a DeprecationWarning.
+    """
 
     model: str | None = None  # GGUF file or HF directory; None = the embedded SmolLM2-135M-Instruct
     task: str = "date_iso"  # a generated task (tellneo.data.tasks), used when task_file is None
@@ -67,30 +82,28 @@ class TellConfig:
     general_samples: int | None = 48
     seq_len: int = 512
     window: int = 64  # packing window (samples) that keeps the mixed order
-    mode: str = "lora"
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    fused_lora: bool = True
+    mode: str = "lora"  # one of MODES
+    lora: LoraSettings = field(default_factory=LoraSettings)
     max_new_tokens: int = 16
     eval_batch_size: int = 20
     save_merged: bool = False  # also OUTPUT/merged: the adapter merged in (lora mode)
     merged_dtype: str = "fp32"  # dtype of merged/ and model.gguf: fp32, bf16 or fp16
     save_gguf: bool = False  # also OUTPUT/model.gguf (tellneo.export.export_gguf)
     output_dir: str = "outputs/tell"
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-3, max_steps=-1, epochs=1.0))
+    train: TrainSettings = field(default_factory=TrainSettings)  # None fields: TELL_TRAIN_DEFAULTS
 
     @property
     def anchored(self) -> bool:
         return self.use_anchor if self.use_anchor is not None else self.method == "tell"
 
-    def validate(self) -> LoraSettings:
+    def resolve(self) -> tuple[LoraSettings, TrainSettings]:
+        """``(lora, train)`` with the training settings left unset filled in; RecipeError for a bad config."""
         if self.method not in METHODS:
-            raise RecipeError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.mode not in ("lora", "full"):
-            raise RecipeError(f"mode must be 'lora' or 'full', got {self.mode!r}")
-        if self.spread not in ("stratified", "random", "end"):
-            raise RecipeError(f"spread must be stratified, random or end, got {self.spread!r}")
+            raise RecipeError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.mode not in MODES:
+            raise RecipeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.spread not in SPREADS:
+            raise RecipeError(f"spread must be one of {', '.join(SPREADS)}, got {self.spread!r}")
         if not 0.0 < self.task_ratio < 1.0:
             raise RecipeError(f"task-ratio must be in (0, 1), got {self.task_ratio}")
         for name in ("task_samples", "test_samples", "seq_len", "max_new_tokens", "eval_batch_size"):
@@ -101,24 +114,29 @@ class TellConfig:
         if self.seq_len > MAX_SEQ_LEN:
             raise RecipeError(f"seq-len must be at most {MAX_SEQ_LEN}, got {self.seq_len}")
         check_output_options(self.merged_dtype)
-        try:
-            return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                                patch=self.fused_lora)
-        except ValueError as exc:
-            raise RecipeError(str(exc)) from None
+        return self.lora, self.train.resolve(TELL_TRAIN_DEFAULTS)
+
+    def validate(self) -> LoraSettings:
+        """The LoRA settings of :meth:`resolve` (the former name)."""
+        return self.resolve()[0]
 
     def manifest(self) -> dict[str, Any]:
+        """The run's identity: every setting resolved, without where and what to save."""
+        lora, train = self.resolve()
         d = asdict(self)
         for name in ("output_dir", *OUTPUT_OPTIONS):  # where and what to save does not change the run
             d.pop(name)
+        d["lora"] = lora.to_dict() if self.mode == "lora" else None
+        d["train"] = train.to_dict()
         d["anchored"] = self.anchored
         # the files' contents: --resume refuses changed data
         d["data_sha256"] = {k: file_sha256(getattr(self, k)) for k in ("task_file", "test_file", "general")}
         return d
 
 
-def _task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
-    """``(train pairs, test pairs, anchor text, score function, description)``."""
+def task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
+    """``(train pairs, test pairs, anchor text, score function, description)`` of ``cfg``'s task (a generated
+    task split by ``cfg.train.seed``, or ``task_file`` / ``test_file``); RecipeError for unusable task data."""
     from tellneo.data.files import read_records
     from tellneo.data.tasks import Task, get_task
 
@@ -148,6 +166,9 @@ def _task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
     if cfg.anchored and cfg.anchor is None:
         raise RecipeError("TELL needs an anchor prompt for a task file: give --anchor / --anchor-file (or --no-anchor)")
     return train, test, cfg.anchor or "", Task.score, f"{cfg.task_file} ({len(train)} train / {len(test)} test)"
+
+
+_task_data = task_data  # the former, private name (benchmarks imported it)
 
 
 def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConfig, pad_id: int, *,
@@ -227,157 +248,125 @@ def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, 
 
     Errors as :func:`tellneo.recipes.distill.run_distill`.
     """
-    from tellneo.models import hf_progress_bars
-
-    with hf_progress_bars(progress):  # progress=False also silences transformers' loading/saving bars
-        return _run_tell(cfg, resume=resume, overwrite=overwrite, progress=progress, report_to=report_to)
+    return run_recipe(_TellRun(cfg), resume=resume, overwrite=overwrite, progress=progress, report_to=report_to)
 
 
-def _run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-              report_to: str | list[str] = "none") -> dict[str, Any]:
-    """The body of :func:`run_tell`."""
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-    from transformers import set_seed
+class _TellRun(RecipeRun):
+    """The TELL recipe's parts of :func:`tellneo.recipes.run.run_recipe` (CE only: no teacher, KD weight 0)."""
 
-    from tellneo.data import PackedCollator
-    from tellneo.models import check_model_path, load_causal_lm
-    from tellneo.recipes.evaluate import task_accuracy
-    from tellneo.recipes.neo import KDSettings, NeoTrainer
-    from tellneo.recipes.records import general_records, tokenize
-    from tellneo.recipes.reporting import (
-        StageBar,
-        machine_state,
-        markdown_table,
-        plot_loss_curve,
-        write_summary,
-    )
-    from tellneo.recipes.outputs import save_model_outputs
-    from tellneo.recipes.trainer_utils import MetricsJsonlCallback, read_metrics
+    stages = 4
 
-    t_start = time.perf_counter()
-    lora = cfg.validate()
-    out = Path(cfg.output_dir)
-    args = cfg.train.training_arguments(out / CHECKPOINTS, disable_tqdm=not progress, report_to=report_to)
-    state = PartialState()
-    manifest = cfg.manifest()
-    if state.is_main_process:
-        check_run_dir(out, manifest, resume=resume, overwrite=overwrite)  # fail fast, write nothing yet
-        lock_run_dir(out, create=False)  # a run already in that directory: refuse now, not after loading
-    check_model_path(cfg.model)
-    timings: dict[str, float] = {}
+    def __init__(self, cfg: TellConfig) -> None:
+        self.cfg = cfg
+        self.lora, self.train = cfg.resolve()
+        self.manifest = cfg.manifest()
+        self.mode, self.output_dir = cfg.mode, Path(cfg.output_dir)
+        self.arm = f"{cfg.method}" + ("" if cfg.method == "sft" else f", spread={cfg.spread}") + \
+            (", anchor" if cfg.anchored else ", no anchor")
 
-    machine_start = machine_state()
-    with StageBar(4, "preparing", enabled=progress) as stage:
+    def check_models(self) -> None:
+        from tellneo.models import check_model_path
+
+        check_model_path(self.cfg.model)
+
+    def prepare(self, stage: Any, timings: dict[str, float]) -> Any:
+        from tellneo.models import load_causal_lm
+        from tellneo.recipes.records import general_records, tokenize
+
+        cfg = self.cfg
         stage("reading data")
-        train_pairs, test_pairs, anchor, score, task_source = _task_data(cfg)  # bad data fails before loading
-        general, general_source = general_records(cfg.general, cfg.general_samples) if cfg.method == "tell" \
+        self.train_pairs, self.test_pairs, anchor, self.score, self.task_source = task_data(cfg)  # before loading
+        general, self.general_source = general_records(cfg.general, cfg.general_samples) if cfg.method == "tell" \
             else (None, None)
 
         t0 = time.perf_counter()
         stage("loading the model")
-        model, tokenizer = load_causal_lm(cfg.model)
+        model, self.tokenizer = load_causal_lm(cfg.model)
         if getattr(model, "is_quantized", False):
             model = float_copy(model)
         if cfg.save_gguf:
-            check_gguf_export(model, tokenizer)
+            check_gguf_export(model, self.tokenizer)
+        self.model = model
         timings["load_model_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         stage("tokenizing")
-        prefix = anchor if cfg.anchored else ""
+        self.prefix = prefix = anchor if cfg.anchored else ""
         vocab = int(model.get_output_embeddings().weight.shape[0])
-        task_store = tokenize(train_pairs, tokenizer, what="task", vocab_size=vocab, prompt_prefix=prefix)
+        task_store = tokenize(self.train_pairs, self.tokenizer, what="task", vocab_size=vocab, prompt_prefix=prefix)
         general_store = None
         if general is not None:
-            general_store = tokenize(general, tokenizer, what="general", vocab_size=vocab, max_tokens=cfg.seq_len)
-        overlong = {"general_records_dropped": len(general) - len(general_store) if general is not None else 0,
-                    "task_samples_truncated": int((task_store.lengths > cfg.seq_len).sum())}
-        if any(overlong.values()):
-            logger.warning(f"--seq-len {cfg.seq_len}: {overlong['general_records_dropped']} longer general records "
-                           f"dropped, {overlong['task_samples_truncated']} longer task samples truncated")
+            general_store = tokenize(general, self.tokenizer, what="general", vocab_size=vocab,
+                                     max_tokens=cfg.seq_len)
+        self.overlong = {
+            "general_records_dropped": len(general) - len(general_store) if general is not None else 0,
+            "task_samples_truncated": int((task_store.lengths > cfg.seq_len).sum())}
+        if any(self.overlong.values()):
+            logger.warning(f"--seq-len {cfg.seq_len}: {self.overlong['general_records_dropped']} longer general "
+                           f"records dropped, {self.overlong['task_samples_truncated']} longer task samples "
+                           "truncated")
         stage("mixing and packing")
-        global_batch = cfg.train.batch_size * cfg.train.grad_accum * state.num_processes
-        dataset = build_tell_dataset(task_store, general_store, cfg, tokenizer.pad_token_id or 0,
-                                     min_rows=global_batch)
-        if dataset.steps_per_epoch(global_batch) == 0:
-            raise RecipeError(f"the training data packs into {len(dataset)} rows of {cfg.seq_len} tokens, fewer "
-                              f"than one global batch ({global_batch} rows): add data or lower "
-                              "--batch-size/--grad-accum")
+        self.dataset = build_tell_dataset(task_store, general_store, cfg, self.tokenizer.pad_token_id or 0,
+                                          min_rows=self.global_batch)
         timings["data_s"] = time.perf_counter() - t0
+        return self.dataset
 
-    # inputs are valid: now the run directory is created (or reopened) and written
-    with state.main_process_first():
-        out, resume_from = open_run_dir(out, manifest, resume=resume, overwrite=overwrite,
-                                        is_main=state.is_main_process)
+    def evaluate(self, model: Any, label: str) -> dict[str, Any]:
+        from tqdm.auto import tqdm
 
-    def accuracy(m: Any, label: str) -> dict[str, Any]:
-        with tqdm(total=len(test_pairs), desc=f"task accuracy ({label})", unit="prompt", disable=not progress) as bar:
-            return task_accuracy(m, tokenizer, test_pairs, score=score, prompt_prefix=prefix,
+        from tellneo.recipes.evaluate import task_accuracy
+
+        cfg = self.cfg
+        with tqdm(total=len(self.test_pairs), desc=f"task accuracy ({label})", unit="prompt",
+                  disable=not self.progress) as bar:
+            return task_accuracy(model, self.tokenizer, self.test_pairs, score=self.score, prompt_prefix=self.prefix,
                                  batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, progress=bar)
 
-    t0 = time.perf_counter()
-    before = accuracy(model, "before")
-    timings["eval_before_s"] = time.perf_counter() - t0
+    def trainable_model(self) -> Any:
+        return attach_lora(self.model, self.lora) if self.mode == "lora" else self.model.requires_grad_(True)
 
-    set_seed(cfg.train.seed)  # LoRA initialisation: the same run gives the same adapters
-    model = attach_lora(model, lora) if cfg.mode == "lora" else model.requires_grad_(True)
-    trainable, total = count_parameters(model)
-    trainer = NeoTrainer(model=model, args=args, train_dataset=dataset, data_collator=PackedCollator("rows"),
-                         teacher=None, kd=KDSettings(alpha=0.0), callbacks=[MetricsJsonlCallback(out / METRICS)])
-    t0 = time.perf_counter()
-    train_output, interrupted = run_training(trainer, resume_from)
-    timings["train_s"] = time.perf_counter() - t0
-    metrics = read_metrics(out / METRICS) if state.is_main_process else []
-    arm = f"{cfg.method}" + ("" if cfg.method == "sft" else f", spread={cfg.spread}") + \
-        (", anchor" if cfg.anchored else ", no anchor")
-    if state.is_main_process:
-        plot_loss_curve(metrics, out / "loss_curve.png", title=f"tellneo tell ({arm}): CE on the mixed stream",
-                        keys=("loss",))
-    if interrupted:
-        raise KeyboardInterrupt(f"training interrupted at step {trainer.state.global_step}; a checkpoint is in "
-                                f"{out / CHECKPOINTS}: rerun with --resume to continue")
+    def trainer_inputs(self) -> tuple[Any, Any]:
+        from tellneo.data import PackedCollator
 
-    t0 = time.perf_counter()
-    after = accuracy(model, "after")
-    timings["eval_after_s"] = time.perf_counter() - t0
-    if state.is_main_process:
-        written = save_model_outputs(model, out, tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
-                                     merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf,
-                                     model_source=cfg.model)
-    timings["total_s"] = time.perf_counter() - t_start
+        return self.dataset, PackedCollator("rows")
 
-    exposure = task_exposure(dataset, trainer.state.global_step, global_batch)
-    train_rows = [r for r in metrics if "loss" in r]
-    summary = {
-        "recipe": "tell", "method": cfg.method, "arm": arm, "mode": cfg.mode, "task": task_source,
-        "general": general_source, "anchor_chars": len(prefix), "task_ratio": cfg.task_ratio if
-        cfg.method == "tell" else 1.0, "spread": cfg.spread if cfg.method == "tell" else None,
-        "train_task_pairs": len(train_pairs), "task_repeats_per_epoch": dataset.repeats, "overlong": overlong,
-        "test_pairs": len(test_pairs), "steps": trainer.state.global_step,
-        "global_batch_rows": global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": len(dataset),
-        "exposure": exposure, "trainable_parameters": trainable, "total_parameters": total,
-        "lora": lora.to_dict() if cfg.mode == "lora" else None, "learning_rate": cfg.train.learning_rate,
-        "before": {k: before[k] for k in ("accuracy", "correct", "n")},
-        "after": {k: after[k] for k in ("accuracy", "correct", "n")},
-        "examples_after": after["examples"],
-        "first_loss": train_rows[0]["loss"] if train_rows else None,
-        "last_loss": train_rows[-1]["loss"] if train_rows else None,
-        "train_runtime_s": getattr(train_output, "metrics", {}).get("train_runtime") if train_output else None,
-        "train_s_per_step": seconds_per_step(timings["train_s"], trainer.state.global_step, resume_from)
-        if train_output is not None else None,
-        "timings": {k: round(v, 2) for k, v in timings.items()}, "processes": state.num_processes,
-        "machine_at_start": machine_start, "machine_at_end": machine_state(),
-        "outputs": written if state.is_main_process else {},
-    }
-    table = markdown_table(
-        ["held-out task metric", "before", "after"],
-        [["exact-match accuracy", before["accuracy"], after["accuracy"]],
-         ["correct / test prompts", f"{before['correct']} / {before['n']}", f"{after['correct']} / {after['n']}"]],
-    )
-    if state.is_main_process:
-        write_summary(out, summary, table)
-    summary["table"] = table
-    summary["main_process"] = state.is_main_process  # under torchrun only rank 0 reports
-    return summary
+    def plot(self, metrics: list[dict[str, Any]], before: dict[str, Any] | None = None,
+             after: dict[str, Any] | None = None, final_step: int = 0) -> None:
+        from tellneo.recipes.reporting import plot_loss_curve
 
+        if before is None:  # the curve of the mixed stream only; accuracy is no point on it
+            plot_loss_curve(metrics, self.out / "loss_curve.png",
+                            title=f"tellneo tell ({self.arm}): CE on the mixed stream", keys=("loss",))
+
+    def save(self, model: Any, timings: dict[str, float]) -> dict[str, str]:
+        from tellneo.recipes.outputs import save_model_outputs
+
+        cfg = self.cfg
+        return save_model_outputs(model, self.out, self.tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
+                                  merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf, model_source=cfg.model)
+
+    def summary(self, run: TrainedRun) -> tuple[dict[str, Any], str]:
+        from tellneo.recipes.reporting import markdown_table
+
+        cfg, before, after, steps = self.cfg, run.before, run.after, run.trainer.state.global_step
+        summary = {
+            "recipe": "tell", "method": cfg.method, "arm": self.arm, "mode": cfg.mode, "task": self.task_source,
+            "general": self.general_source, "anchor_chars": len(self.prefix), "task_ratio": cfg.task_ratio if
+            cfg.method == "tell" else 1.0, "spread": cfg.spread if cfg.method == "tell" else None,
+            "train_task_pairs": len(self.train_pairs), "task_repeats_per_epoch": self.dataset.repeats,
+            "overlong": self.overlong, "test_pairs": len(self.test_pairs), "steps": steps,
+            "global_batch_rows": run.global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": len(self.dataset),
+            "exposure": task_exposure(self.dataset, steps, run.global_batch), "trainable_parameters": run.trainable,
+            "total_parameters": run.total, "lora": self.lora.to_dict() if cfg.mode == "lora" else None,
+            "learning_rate": self.train.learning_rate,
+            "before": {k: before[k] for k in ("accuracy", "correct", "n")},
+            "after": {k: after[k] for k in ("accuracy", "correct", "n")},
+            "examples_after": after["examples"],
+        }
+        table = markdown_table(
+            ["held-out task metric", "before", "after"],
+            [["exact-match accuracy", before["accuracy"], after["accuracy"]],
+             ["correct / test prompts", f"{before['correct']} / {before['n']}",
+              f"{after['correct']} / {after['n']}"]],
+        )
+        return summary, table

@@ -1,40 +1,71 @@
-"""Training-loop settings and the run-directory protocol shared by ``tellneo distill`` and ``tellneo tell``.
+"""Training with ``transformers.Trainer`` in both recipes: :class:`TrainSettings` (the flags, mapped onto
+``TrainingArguments``) and what the recipes add to the Trainer: atomic checkpoints, data in the dataset's own
+order, a stop at the first non-finite step, a Ctrl-C that stops at a step boundary with a checkpoint, and
+``metrics.jsonl`` logging; :func:`run_training` runs it. The run directory around it: :mod:`tellneo.recipes.run_dir`.
 
-A run directory holds ``manifest.json`` (the config; a different config is refused), ``checkpoints/checkpoint-N``
-(atomic), ``metrics.jsonl``, the loss-curve PNG, ``summary.json`` / ``summary.md`` and the trained adapter or
-model. :func:`open_run_dir` refuses to start over a run that already trained unless asked to resume or overwrite,
-so nothing written earlier is lost by accident.
+* :class:`RecipeTrainerMixin` — put before ``Trainer`` in the bases. Checkpoints are written into a hidden staging
+  directory and renamed into place (a crash never leaves a half-written ``checkpoint-N``); the training sampler
+  is sequential, because :class:`tellneo.data.PackedDataset` already fixes the order per ``(seed, epoch)`` (a TELL
+  mix must not be reshuffled; under DDP accelerate gives rank r the r-th block of each global batch). Training
+  stops with :class:`NonFiniteError` at the first optimizer step whose loss or gradient norm is NaN/Inf, before
+  that step's update is applied, so the checkpoints on disk are the last good ones and ``--resume`` continues.
+* :class:`InterruptCallback` — the first SIGINT finishes the running optimizer step, saves a checkpoint and
+  stops training (agreed across ranks); a second SIGINT raises ``KeyboardInterrupt`` at once.
+* :class:`MetricsJsonlCallback` — every log line (training and evaluation) appended to ``metrics.jsonl``; lines
+  past the resumed step are dropped when a run resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import shutil
+import signal
+import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import Trainer, TrainerCallback
 
-from tellneo.io import lock_run_dir, prepare_run_dir, remove_outputs
-from tellneo.recipes.common import RecipeError
-from tellneo.recipes.outputs import GGUF_NAME, STUDENT_BASE
-from tellneo.recipes.trainer_utils import WARMUP_RATIO_ATTR, clean_staging, last_checkpoint
+from tellneo.io import atomic_write_text, to_json
+from tellneo.recipes.errors import RecipeError
+from tellneo.recipes.run_dir import (  # noqa: F401 (their former home)
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS,
+    METRICS,
+    RUN_OUTPUTS,
+    TOPK,
+    check_run_dir,
+    clean_staging,
+    last_checkpoint,
+    open_run_dir,
+)
+from tellneo.recipes.settings import LR_SCHEDULERS, PRESET_FIELDS, TRAIN_DEFAULTS  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["TrainSettings", "check_run_dir", "check_report_to", "open_run_dir", "run_training", "seconds_per_step"]
+__all__ = [
+    "InterruptCallback",
+    "LR_SCHEDULERS",
+    "MetricsJsonlCallback",
+    "NonFiniteError",
+    "PRESET_FIELDS",
+    "RecipeTrainerMixin",
+    "TRAIN_DEFAULTS",
+    "TrainSettings",
+    "check_report_to",
+    "read_metrics",
+    "run_training",
+    "seconds_per_step",
+    "warmup_steps",
+]
 
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
-TOPK = "teacher_topk"
-# Everything a run writes into its directory besides the manifest: cleared before a fresh start writes its
-# manifest, so an interrupted --overwrite never leaves the new manifest beside the old run's results.
-_SAVED_DIRS = ("adapter", "model", "merged", STUDENT_BASE)
-RUN_OUTPUTS = (CHECKPOINTS, METRICS, TOPK, "summary.json", "summary.md", "loss_curve.png", GGUF_NAME, *_SAVED_DIRS,
-               *(f".staging-{d}" for d in _SAVED_DIRS), *(f".old-{d}" for d in _SAVED_DIRS))
 MAX_THREADS_PER_CORE = 4
 
 
@@ -45,17 +76,21 @@ class TrainSettings:
     ``batch_size`` is per device (rows of ``seq_len`` tokens); the global batch is
     ``batch_size * grad_accum * world_size``. ``max_steps > 0`` overrides ``epochs``. ``warmup_ratio`` is a
     fraction of the total optimizer steps, turned into whole steps by
-    :func:`tellneo.recipes.trainer_utils.warmup_steps` (rounded down, always leaving a step at the peak learning
+    :func:`warmup_steps` (rounded down, always leaving a step at the peak learning
     rate) with a linear warm-up whose first step already has lr > 0.
+
+    ``None`` in ``epochs``, ``learning_rate``, ``lr_scheduler`` or ``warmup_ratio`` (:data:`PRESET_FIELDS`) means
+    "the recipe decides": ``run_distill`` fills them from its preset, ``run_tell`` from its defaults
+    (:meth:`resolve`); used on its own, :meth:`training_arguments` fills them from :data:`TRAIN_DEFAULTS`.
     """
 
     batch_size: int = 2
     grad_accum: int = 1
     max_steps: int = -1
-    epochs: float = 1.0
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
+    epochs: float | None = None
+    learning_rate: float | None = None
+    lr_scheduler: str | None = None
+    warmup_ratio: float | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -66,18 +101,20 @@ class TrainSettings:
     save_total_limit: int = 2
 
     def __post_init__(self) -> None:
+        if self.lr_scheduler is not None and self.lr_scheduler not in LR_SCHEDULERS:
+            raise RecipeError(f"lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise RecipeError(f"max-steps must be positive (or -1 for --epochs), got {self.max_steps}")
-        if self.max_steps < 0 and not self.epochs > 0:
+        if self.max_steps < 0 and self.epochs is not None and not self.epochs > 0:
             raise RecipeError(f"epochs must be > 0, got {self.epochs}")
-        if self.max_steps < 0 and not math.isfinite(self.epochs):
+        if self.max_steps < 0 and self.epochs is not None and not math.isfinite(self.epochs):
             raise RecipeError(f"epochs must be finite, got {self.epochs}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+        if self.learning_rate is not None and not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise RecipeError(f"learning-rate must be a finite number > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
+        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
             raise RecipeError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise RecipeError(f"weight-decay must be a finite number >= 0, got {self.weight_decay}")
@@ -90,12 +127,23 @@ class TrainSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def resolve(self, defaults: Mapping[str, Any]) -> TrainSettings:
+        """A copy with the ``None`` fields of :data:`PRESET_FIELDS` taken from ``defaults`` (a preset's values)."""
+        missing = [name for name in PRESET_FIELDS if name not in defaults]
+        if missing:
+            raise ValueError(f"defaults lack {', '.join(missing)}")
+        return dataclasses.replace(self, **{name: defaults[name] for name in PRESET_FIELDS
+                                            if getattr(self, name) is None})
+
     def training_arguments(self, output_dir: str | Path, *, report_to: str | list[str] = "none",
                            **overrides: Any) -> Any:
-        """``TrainingArguments`` for these settings; ``report_to`` as :func:`check_report_to` accepts it (logs go
-        to the Trainer's integrations, e.g. TensorBoard event files under ``output_dir/runs``)."""
+        """``TrainingArguments`` for these settings (``None`` fields from :data:`TRAIN_DEFAULTS`); ``report_to`` as
+        :func:`check_report_to` accepts it (logs go to the Trainer's integrations, e.g. TensorBoard event files
+        under ``output_dir/runs``)."""
         from transformers import TrainingArguments
 
+        if any(getattr(self, name) is None for name in PRESET_FIELDS):
+            return self.resolve(TRAIN_DEFAULTS).training_arguments(output_dir, report_to=report_to, **overrides)
         kwargs: dict[str, Any] = dict(
             output_dir=str(output_dir),
             per_device_train_batch_size=self.batch_size,
@@ -155,73 +203,238 @@ def check_report_to(report_to: str | list[str]) -> list[str]:
     return names
 
 
-def check_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
-    """Everything :func:`open_run_dir` would refuse, checked without writing anything (call it before the slow
-    loading so that a bad ``--output-dir`` fails at once, and a failed start leaves no manifest behind)."""
-    from tellneo.io import config_hash, different_run_message, read_manifest
-
-    if resume and overwrite:
-        raise RecipeError("--resume and --overwrite contradict each other (continue the run, or discard it): pass one")
-    path = Path(path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise PermissionError(f"cannot create output directory {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"output directory {existing} is not writable")
-    old = read_manifest(path)
-    latest = last_checkpoint(path / CHECKPOINTS)
-    if old is not None:
-        if old.get("config_hash") != config_hash(config):
-            if not overwrite:
-                message = different_run_message(path, old, config)
-                raise FileExistsError(f"--resume: {message}" if resume else message)
-            return
-        if not resume and not overwrite and (latest is not None or (path / "summary.json").exists()):
-            what = f"checkpoints up to {latest.name}" if latest is not None else "a finished run"
-            raise RecipeError(f"{path} already holds {what} of this configuration; pass --resume to continue it, "
-                              "--overwrite to start over, or choose another --output-dir")
-    elif not overwrite:
-        found = [name for name in RUN_OUTPUTS if (path / name).exists()]
-        if found:
-            raise RecipeError(f"{path} holds {', '.join(found)} without a manifest of their run; pass --overwrite "
-                              "to replace them or choose another --output-dir")
+WARMUP_RATIO_ATTR = "tellneo_warmup_ratio"  # set on TrainingArguments by TrainSettings.training_arguments
 
 
-def open_run_dir(path: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
-                 is_main: bool = True) -> tuple[Path, Path | None]:
-    """Create or reopen a run directory; returns ``(path, checkpoint to resume from or None)``.
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """Integer warm-up steps for a warm-up ``ratio`` of ``total_steps``: ``floor(ratio * total_steps)``, at most
+    ``total_steps - 1``, so that at least one optimizer step runs at the peak learning rate (4 steps at ratio 0.1:
+    no warm-up; 24 steps: 2)."""
+    return max(0, min(int(ratio * total_steps), total_steps - 1))
 
-    * a different run in ``path``: FileExistsError naming what changed unless ``overwrite``;
-    * the same run with checkpoints or a summary: resumed with ``resume``, else RecipeError (nothing is touched);
-    * ``resume`` without a checkpoint: a fresh start (precomputed teacher top-k of the same config are kept).
 
-    A fresh start deletes the old run's outputs (:data:`RUN_OUTPUTS`) *before* it writes its manifest. The
-    directory stays locked for this process (:func:`tellneo.io.lock_run_dir`): a concurrent run refuses.
+def _warm_from_step_one(scheduler: Any, warmup: int) -> None:
+    """Shift a ``LambdaLR`` warm-up by one step: step k (1-based) of a ``warmup``-step linear warm-up runs at
+    ``k / warmup`` of the peak instead of ``(k - 1) / warmup``, so the first step is never a step at lr 0 and the
+    peak is reached at step ``warmup``; the schedule after the warm-up is unchanged."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if warmup <= 0 or not lambdas:
+        return
+    scheduler.lr_lambdas = [lambda step, f=f: f(step + 1) if step < warmup else f(step) for f in lambdas]
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * f(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+# transformers >= 5 computes the gradient norm in Trainer._get_grad_norm (before the optimizer step): the loss and
+# the norm are checked there, once per optimizer step. Older versions only let us check the loss per micro-batch.
+_GRAD_NORM_HOOK = hasattr(Trainer, "_get_grad_norm")
+
+
+class NonFiniteError(RecipeError):
+    """The loss or gradient norm of an optimizer step is NaN/Inf; training stopped before applying that step."""
+
+
+class RecipeTrainerMixin:
+    """Mixin for ``transformers.Trainer`` subclasses: atomic checkpoints, a sequential training sampler, and a stop
+    at the first non-finite loss or gradient norm.
+
+    The non-finite check costs one host read of a device scalar per optimizer step, right after the gradient
+    norm (which the Trainer computes anyway for clipping and logging) and before the optimizer step; the Trainer's
+    default ``logging_nan_inf_filter`` already reads every micro-batch's loss on the host. Under DDP the verdict is
+    agreed across ranks (one tiny all-reduce). Before each checkpoint the trainable weights are checked too (one
+    pass over them per save), so a checkpoint on disk never holds NaN/Inf weights.
     """
-    from tellneo.io import config_hash, read_manifest
 
-    path = Path(path)
-    if not is_main:
-        return path, last_checkpoint(path / CHECKPOINTS) if resume else None
-    check_run_dir(path, config, resume=resume, overwrite=overwrite)
-    lock_run_dir(path)
-    check_run_dir(path, config, resume=resume, overwrite=overwrite)  # again, now that no other run can change it
-    old = read_manifest(path)
-    same = old is not None and old.get("config_hash") == config_hash(config)
-    ckpt_dir = path / CHECKPOINTS
-    clean_staging(ckpt_dir)
-    latest = last_checkpoint(ckpt_dir)
-    if resume and same and latest is not None:
-        prepare_run_dir(path, config)
-        return path, latest
-    if resume and same:
-        logger.info(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-    # a fresh start (new directory, --overwrite, or --resume without a checkpoint): the old run's files go first
-    remove_outputs(path, [name for name in RUN_OUTPUTS if not (same and not overwrite and name == TOPK)])
-    out, _ = prepare_run_dir(path, config, overwrite=True)
-    return out, None
+    _step_loss: torch.Tensor | None = None
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """With a warm-up ratio from :class:`TrainSettings`: integer warm-up steps
+        (:func:`warmup_steps`) and a warm-up whose first step already has lr > 0. Otherwise the Trainer's own."""
+        ratio = getattr(self.args, WARMUP_RATIO_ATTR, None)
+        if ratio is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)  # type: ignore[misc]
+        self.args.warmup_steps = warmup_steps(ratio, num_training_steps)
+        scheduler = super().create_scheduler(num_training_steps, optimizer)  # type: ignore[misc]
+        _warm_from_step_one(scheduler, self.args.warmup_steps)
+        return scheduler
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return torch.utils.data.SequentialSampler(dataset)
+
+    # -- non-finite guard ----------------------------------------------------------------------------------------
+    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        step_loss = loss.detach().float().sum()
+        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss  # NaN/Inf stick
+        if not _GRAD_NORM_HOOK:
+            self._check_finite(None)
+        return loss
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)  # type: ignore[misc]
+        self._check_finite(grad_norm)
+        return grad_norm
+
+    def _check_finite(self, grad_norm: Any) -> None:
+        loss, self._step_loss = self._step_loss, None
+        if loss is None:
+            return
+        values = [loss] if grad_norm is None else [loss, torch.as_tensor(grad_norm, device=loss.device).float()]
+        bad = not bool(torch.isfinite(torch.stack(values)).all())
+        if not _any_rank(bad):
+            return
+        loss_value = loss.item()
+        what = f"loss {loss_value}" if not math.isfinite(loss_value) else \
+            f"gradient norm {float(grad_norm)} (loss {loss_value:.6g})"
+        self._raise_non_finite(f"non-finite {what} at step {self.state.global_step + 1}; training stopped before "
+                               "applying that step")
+
+    def _raise_non_finite(self, message: str) -> None:
+        latest = last_checkpoint(self.args.output_dir)
+        where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was saved before it"
+        raise NonFiniteError(f"{message}, and {where}: check the data, the models' weights and the learning rate, "
+                             "then rerun (--resume continues from that checkpoint)")
+
+    def _check_weights_finite(self, model: torch.nn.Module) -> None:
+        bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if _any_rank(bool(bad)):
+            self._raise_non_finite(f"the update of step {self.state.global_step} made {len(bad)} trainable "
+                                   f"weight tensor(s) non-finite (first: {bad[0] if bad else 'on another rank'}); "
+                                   "that checkpoint was not saved")
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        self._check_weights_finite(model)
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{CHECKPOINT_PREFIX}-{self.state.global_step}"
+        staging_root = run_dir / f".staging-{name}"
+        if self.args.should_save and staging_root.exists():
+            shutil.rmtree(staging_root)
+        self.accelerator.wait_for_everyone()
+        # Trainer._save_checkpoint writes into self._get_output_dir(trial)/checkpoint-N: point it at the staging root.
+        self._get_output_dir = lambda trial=None: str(staging_root)  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = run_dir / name
+            trash = run_dir / f".old-{name}"
+            if final.exists():  # the same step saved again (e.g. an interrupt right after a scheduled save)
+                os.replace(final, trash)
+            os.replace(staging_root / name, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+
+def _any_rank(flag: bool) -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
+class InterruptCallback(TrainerCallback):
+    """Turns Ctrl-C into "save a checkpoint at the end of this optimizer step and stop".
+
+    ``interrupted`` tells the caller afterwards. Only installed from the main thread (signal handlers cannot be
+    set elsewhere); the previous handler is restored when training ends.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.interrupted = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort at once)")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.requested = self.interrupted = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if _any_rank(self.requested):
+            self.interrupted = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends ``{"step", "epoch", **logs}`` per log event to ``path`` (main process only).
+
+    When training starts at global step s > 0 (a resumed run), lines with ``step > s`` are dropped first (they
+    belong to the part of the interrupted run that is about to be redone); the rewrite is atomic.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= state.global_step]
+        atomic_write_text(self.path, "".join(to_json(r) + "\n" for r in kept))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (to_json(record) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)  # one write of the whole line: concurrent readers see whole lines
+        finally:
+            os.close(fd)
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (empty list if the file does not exist).
+
+    A torn last line (a write cut short by a full disk or a kill) is dropped with a warning, and the next resume
+    rewrites the file without it; an unreadable line before the last raises ValueError naming file and line.
+    Non-finite values were written as ``null``.
+    """
+    p = Path(path)
+    if not p.exists():
+        return []
+    text = p.read_text(encoding="utf-8", errors="replace")
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if n == len(lines) - 1:
+                logger.warning(f"{p}:{i}: dropping a torn last line ({exc})")
+                break
+            from tellneo.recipes.errors import RecipeError
+
+            raise RecipeError(f"{p}:{i}: not a metrics record ({exc}); repair or delete the line") from None
+        records.append(record)
+    return records
 
 
 def seconds_per_step(seconds: float, global_step: int, resumed_from: Path | None) -> float | None:
@@ -233,12 +446,10 @@ def seconds_per_step(seconds: float, global_step: int, resumed_from: Path | None
 
 def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:
     """``trainer.train(resume_from_checkpoint=...)`` with the interrupt protocol of
-    :class:`tellneo.recipes.trainer_utils.InterruptCallback`; returns ``(train output or None, interrupted)``.
+    :class:`InterruptCallback`; returns ``(train output or None, interrupted)``.
 
-    A non-finite loss or gradient norm raises :class:`tellneo.recipes.trainer_utils.NonFiniteError` (a
+    A non-finite loss or gradient norm raises :class:`NonFiniteError` (a
     RecipeError: one line from the CLI) naming the step and the last good checkpoint."""
-    from tellneo.recipes.trainer_utils import InterruptCallback
-
     if resume_from is not None and trainer.args.max_steps > 0:
         from transformers import TrainerState
 

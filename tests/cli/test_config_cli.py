@@ -70,7 +70,7 @@ def test_tell_repeats_from_its_manifest(tmp_path, tiny_model_dir, general_parque
     args = tell_args(tiny_model_dir, general_parquet, a, "--no-anchor", "--lora-r", "4", "--max-steps", "2",
                      "--threads", "1", "--no-fused-lora")
     assert main(args) == 0
-    assert manifest(a)["config"]["use_anchor"] is False and manifest(a)["config"]["fused_lora"] is False
+    assert manifest(a)["config"]["use_anchor"] is False and manifest(a)["config"]["lora"]["patch"] is False
     assert main(["tell", "--config", str(a / "manifest.json"), "--output-dir", str(b), "--quiet",
                  "--threads", "1"]) == 0
     assert manifest(b) == manifest(a)

@@ -53,7 +53,7 @@ def test_distill_writes_its_outputs_and_refuses_to_clobber(tmp_path, tiny_model_
 
 def test_ctrl_c_leaves_a_checkpoint_and_resume_reproduces_the_run(tmp_path, tiny_model_dir, general_jsonl,
                                                                    monkeypatch, capsys):
-    import tellneo.recipes.trainer_utils as tu
+    import tellneo.recipes.training as tu
 
     straight = tmp_path / "straight"
     assert main(distill_args(tiny_model_dir, general_jsonl, straight, "--lora-dropout", "0.1")) == 0

@@ -206,7 +206,7 @@ def test_overwrite_interrupted_early_leaves_none_of_the_old_run(tmp_path, tiny_m
 
     monkeypatch.setattr(tellneo.recipes.evaluate, "distill_metrics", interrupted)  # Ctrl-C right after the start
     assert main(distill_args(tiny_model_dir, data, out, "--alpha", "0.9", "--overwrite")) == 130
-    assert strict_json(out / "manifest.json")["config"]["alpha"] == 0.9
+    assert strict_json(out / "manifest.json")["config"]["kd"]["alpha"] == 0.9
     left = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert left == ["manifest.json"], left  # no old summary, adapter, plot, metrics or checkpoints
 
