@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tellneo.ops.divergences import DIVERGENCES  # TODO(k13): the public divergences constant of tellneo.ops
+from tellneo.ops.divergences import DIVERGENCES  # = tellneo.ops.DIVERGENCES, without importing the op modules
 from tellneo.recipes.lora import LoraSettings
 
 __all__ = [
