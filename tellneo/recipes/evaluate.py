@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tellneo.ops import fused_linear_kd
-from tellneo.recipes.common import teacher_hidden_state
+from tellneo.recipes.model_parts import hidden_state_no_grad
 from tellneo.recipes.head import OutputHead, head_logits, kd_transform_kwargs, read_head
 
 __all__ = ["distill_metrics", "eval_batches", "render_prompt", "task_accuracy"]
@@ -107,12 +107,12 @@ def distill_metrics(
             n = int(valid.sum())
             if n == 0:
                 continue
-            sh = teacher_hidden_state(student, inputs)[valid].to(sw.dtype)
+            sh = hidden_state_no_grad(student, inputs)[valid].to(sw.dtype)
             lab = labels[valid]
             if teacher is not None:
                 th = teacher_cache.get(index) if teacher_cache is not None else None
                 if th is None:
-                    th = teacher_hidden_state(teacher, inputs)[valid].to(t_head.weight.dtype)
+                    th = hidden_state_no_grad(teacher, inputs)[valid].to(t_head.weight.dtype)
                     if teacher_cache is not None:
                         teacher_cache[index] = th
                 part = _dense_sums(sh, s_head, th, t_head, lab, temperature, chunk)

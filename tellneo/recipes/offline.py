@@ -1,5 +1,5 @@
 """Offline distillation: the teacher's top-k log-probabilities computed once, stored on disk, and fed to
-:class:`tellneo.recipes.neo.NeoTrainer` without loading the teacher again.
+:class:`tellneo.recipes.neo.KDTrainer` without loading the teacher again.
 
 Layout of a top-k directory (written by :func:`precompute_teacher_topk`)::
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from tellneo.data import PackedCollator
 from tellneo.io import atomic_save_npz, prepare_run_dir
-from tellneo.recipes.common import output_head, teacher_hidden_state
+from tellneo.recipes.model_parts import hidden_state_no_grad, output_head
 from tellneo.ops import topk_logprobs
 from tellneo.recipes.head import head_transform, kd_transform_kwargs, read_head
 
@@ -69,7 +69,7 @@ def _topk_rows(teacher: nn.Module, batch: dict[str, torch.Tensor], k: int, tempe
                vocab_size: int | None) -> tuple[np.ndarray, np.ndarray]:
     head = read_head(teacher)
     inputs = {key: batch[key].to(head.weight.device) for key in ("input_ids", "position_ids")}
-    hidden = teacher_hidden_state(teacher, inputs)  # [B, T, H]
+    hidden = hidden_state_no_grad(teacher, inputs)  # [B, T, H]
     flat = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
     # a padded teacher head (vocab_size given): shared ids only, renormalised, as the fused loss does online
     ids, lps = topk_logprobs(flat, head.weight, k, bias=head.bias, temperature=temperature, vocab_size=vocab_size,
