@@ -17,6 +17,7 @@ from tellneo.commands._train_flags import (
     save_options,
     train_settings,
 )
+from tellneo.data.tasks import TASK_NAMES
 from tellneo.recipes.lora import LoraSettings
 from tellneo.recipes.settings import MODES, TELL_METHODS, TELL_SPREADS, TELL_TRAIN_DEFAULTS
 
@@ -46,7 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_lora_flags(g, defaults=LoraSettings())
 
     g = p.add_argument_group("task")
-    g.add_argument("--task", default="date_iso", help="generated task (used without --task-file)")
+    g.add_argument("--task", default="date_iso", choices=TASK_NAMES,
+                   help="generated task (used without --task-file): date_iso (English date -> ISO 8601, the smoke "
+                        "test) or json_record (invoice note with distractors -> JSON object)")
     g.add_argument("--task-file", type=Path, help="task pairs (prompt/response records; jsonl, parquet, "
                                                    "arrow or a datasets directory) instead of a generated task")
     g.add_argument("--test-file", type=Path, help="held-out test pairs, same formats (default: the last "
@@ -57,15 +60,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     anchor.add_argument("--anchor", help="anchor prompt text (default: the generated task's anchor prompt)")
     anchor.add_argument("--anchor-file", type=Path, help="read the anchor prompt from this file")
     anchor.add_argument("--no-anchor", action="store_true", help="no anchor prompt (ablation)")
-    g.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens generated per test prompt")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy tokens generated per test prompt (default: the task's own: date_iso 16, "
+                        "json_record 64; 16 for --task-file)")
     g.add_argument("--eval-batch-size", type=int, default=20, help="test prompts generated together")
 
     g = p.add_argument_group("mixing")
     g.add_argument("--method", default="tell", choices=TELL_METHODS,
                    help="tell: task samples mixed into general data; sft: task samples alone (baseline; no anchor "
                         "unless --anchor/--anchor-file is given)")
-    g.add_argument("--general", type=Path, help="general instruction data: jsonl, parquet, arrow or a datasets "
-                                                "save_to_disk directory (default: pairs from Python's documentation)")
+    g.add_argument("--general", type=Path, help="general instruction data: a name (python-docs, synthetic, mixed) or "
+                                                "a jsonl, parquet, arrow or datasets save_to_disk path (default: "
+                                                "python-docs, pairs from Python's documentation)")
     g.add_argument("--general-samples", type=int, default=48, help="general records used (0 = all)")
     g.add_argument("--task-ratio", type=float, default=0.5, help="fraction of the mixed samples that are task "
                                                                   "samples (they repeat as needed)")

@@ -42,6 +42,7 @@ logger = logging.getLogger("tellneo")
 
 __all__ = ["METHODS", "SPREADS", "TellConfig", "build_tell_dataset", "run_tell", "task_data", "task_exposure"]
 
+FILE_TASK_NEW_TOKENS = 16  # answer budget for --task-file tasks without --max-new-tokens
 METHODS = TELL_METHODS
 SPREADS = TELL_SPREADS
 
@@ -84,7 +85,7 @@ class TellConfig:
     window: int = 64  # packing window (samples) that keeps the mixed order
     mode: str = "lora"  # one of MODES
     lora: LoraSettings = field(default_factory=LoraSettings)
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # None: the generated task's own (Task.max_new_tokens), 16 for task files
     eval_batch_size: int = 20
     save_merged: bool = False  # also OUTPUT/merged: the adapter merged in (lora mode)
     merged_dtype: str = "fp32"  # dtype of merged/ and model.gguf: fp32, bf16 or fp16
@@ -107,7 +108,7 @@ class TellConfig:
         if not 0.0 < self.task_ratio < 1.0:
             raise RecipeError(f"task-ratio must be in (0, 1), got {self.task_ratio}")
         for name in ("task_samples", "test_samples", "seq_len", "max_new_tokens", "eval_batch_size"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise RecipeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.window < 0:
             raise RecipeError(f"window must be >= 0, got {self.window}")
@@ -115,6 +116,20 @@ class TellConfig:
             raise RecipeError(f"seq-len must be at most {MAX_SEQ_LEN}, got {self.seq_len}")
         check_output_options(self.merged_dtype)
         return self.lora, self.train.resolve(TELL_TRAIN_DEFAULTS)
+
+    def answer_tokens(self) -> int:
+        """Greedy tokens generated per test prompt: ``max_new_tokens``, else the generated task's own budget
+        (``json_record`` answers run to ~50 tokens; 16 would cut every one off), else 16 for task files."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.task_file is not None:
+            return FILE_TASK_NEW_TOKENS
+        from tellneo.data.tasks import get_task
+
+        try:
+            return get_task(self.task).max_new_tokens
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
 
     def validate(self) -> LoraSettings:
         """The LoRA settings of :meth:`resolve` (the former name)."""
@@ -129,6 +144,7 @@ class TellConfig:
         d["lora"] = lora.to_dict() if self.mode == "lora" else None
         d["train"] = train.to_dict()
         d["anchored"] = self.anchored
+        d["max_new_tokens"] = self.answer_tokens()
         # the files' contents: --resume refuses changed data
         d["data_sha256"] = {k: file_sha256(getattr(self, k)) for k in ("task_file", "test_file", "general")}
         return d
@@ -320,7 +336,7 @@ class _TellRun(RecipeRun):
         with tqdm(total=len(self.test_pairs), desc=f"task accuracy ({label})", unit="prompt",
                   disable=not self.progress) as bar:
             return task_accuracy(model, self.tokenizer, self.test_pairs, score=self.score, prompt_prefix=self.prefix,
-                                 batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, progress=bar)
+                                 batch_size=cfg.eval_batch_size, max_new_tokens=cfg.answer_tokens(), progress=bar)
 
     def trainable_model(self) -> Any:
         return attach_lora(self.model, self.lora) if self.mode == "lora" else self.model.requires_grad_(True)

@@ -205,3 +205,20 @@ def test_a_manifest_setting_without_a_flag_is_refused(tmp_path, capsys):
     with pytest.raises(UserError, match=r"unknown settings: lora\.target_modules"):
         _reparse(tmp_path, "distill", config)
 
+
+
+def test_tell_answer_budget_comes_from_the_task():
+    """json_record answers are ~35-48 tokens: the old fixed 16 cut every one off (scored 0 whatever the model did)."""
+    from tellneo.data.tasks import JSON_RECORD, TASK_NAMES
+    from tellneo.recipes.tell import FILE_TASK_NEW_TOKENS, TellConfig
+
+    assert TellConfig(task="json_record").answer_tokens() == JSON_RECORD.max_new_tokens > 40
+    assert TellConfig(task="date_iso").answer_tokens() == 16
+    assert TellConfig(task_file="x.jsonl").answer_tokens() == FILE_TASK_NEW_TOKENS
+    assert TellConfig(task="json_record", max_new_tokens=7).answer_tokens() == 7
+    assert TellConfig(task="json_record").manifest()["max_new_tokens"] == JSON_RECORD.max_new_tokens
+    with pytest.raises(RecipeError, match="max-new-tokens must be positive"):
+        TellConfig(max_new_tokens=0).resolve()
+    with pytest.raises(RecipeError, match="nope"):
+        TellConfig(task="nope").answer_tokens()
+    assert _choices(build_parser(), "tell", "task") == TASK_NAMES
