@@ -162,15 +162,6 @@ def _rss_kib(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not found in /proc/self/status")
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def synchronize(device: str) -> None:
     """Wait for the queued CUDA work when ``device`` is a CUDA device (so a timer around a call sees all of it);
     nothing on CPU."""
@@ -190,17 +181,6 @@ def time_call(fn: Callable[[], Any], device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _trim_heap() -> None:
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def measure_here(job: Job, device: str, warmup: int, repeat: int, *, memory: bool = True,
                  timing: bool = True) -> Measurement:
     """Measure ``job`` in this process (used directly for CUDA, inside fresh children for CPU)."""
@@ -217,8 +197,10 @@ def measure_here(job: Job, device: str, warmup: int, repeat: int, *, memory: boo
         torch.cuda.synchronize()
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
     elif memory:
-        _trim_heap()
-        if not _reset_peak_rss():
+        from tellneo.memory import reset_peak_rss, trim_heap
+
+        trim_heap()
+        if not reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); CPU peak memory unavailable")
         before = _rss_kib("VmRSS")
         fn()

@@ -51,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-__all__ = ["PhaseMemory", "TrainingMemory"]
+__all__ = ["PhaseMemory", "TrainingMemory", "reset_peak_rss", "trim_heap"]
 
 _MIB = 2**20
 _active_cpu_meters = 0
@@ -121,7 +121,9 @@ def _rss_reader() -> Callable[[], int] | None:
     return lambda: process.memory_info().rss
 
 
-def _reset_hwm() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM, and with it ``ru_maxrss``) by writing 5 to
+    ``/proc/self/clear_refs``; False where the kernel refuses (then the mark keeps the earlier peak)."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
@@ -130,7 +132,9 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that RSS measured next
+    starts from what is really in use."""
     gc.collect()
     try:
         import ctypes
@@ -138,6 +142,9 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+_reset_hwm = reset_peak_rss  # the meter calls it by this name (tests replace it)
 
 
 class _Sampler(threading.Thread):
@@ -244,7 +251,7 @@ class TrainingMemory:
         if read is None:
             raise RuntimeError("TrainingMemory: no way to read this process's RSS (/proc/self/statm or psutil)")
         if self.trim:
-            _trim_heap()
+            trim_heap()
         hwm_before = _status_kib("VmHWM")
         with _active_lock:
             reset = _active_cpu_meters == 0 and hwm_before is not None and _reset_hwm()
