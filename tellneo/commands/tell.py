@@ -47,9 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_lora_flags(g, defaults=LoraSettings())
 
     g = p.add_argument_group("task")
-    g.add_argument("--task", default="date_iso", choices=TASK_NAMES,
+    g.add_argument("--task", default="date_iso", metavar="{" + ",".join(TASK_NAMES) + "}",
                    help="generated task (used without --task-file): date_iso (English date -> ISO 8601, the smoke "
-                        "test) or json_record (invoice note with distractors -> JSON object)")
+                        "test) or json_record (invoice note with distractors -> JSON object); an unknown name is "
+                        "refused by the recipe, listing the tasks")
     g.add_argument("--task-file", type=Path, help="task pairs (prompt/response records; jsonl, parquet, "
                                                    "arrow or a datasets directory) instead of a generated task")
     g.add_argument("--test-file", type=Path, help="held-out test pairs, same formats (default: the last "

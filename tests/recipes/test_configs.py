@@ -221,4 +221,5 @@ def test_tell_answer_budget_comes_from_the_task():
         TellConfig(max_new_tokens=0).resolve()
     with pytest.raises(RecipeError, match="nope"):
         TellConfig(task="nope").answer_tokens()
-    assert _choices(build_parser(), "tell", "task") == TASK_NAMES
+    tell_help = build_parser()._subparsers._group_actions[0].choices["tell"].format_help()
+    assert all(name in tell_help for name in TASK_NAMES)
