@@ -31,6 +31,12 @@ def test_distill_writes_its_outputs_and_refuses_to_clobber(tmp_path, tiny_model_
     assert summary["steps"] == 4 and summary["student"]["layers"] == [0, 2]
     assert summary["before"]["tokens"] == summary["after"]["tokens"] > 0
     assert summary["after"]["ce"] < summary["before"]["ce"]  # 4 steps at lr 1e-2 on a random tiny model
+    # training-phase memory (CPU here): growth over the RSS at entry, from the kernel's reset high-water mark
+    assert summary["train_peak_method"] in ("rss_vmhwm", "rss_vmhwm_unreset", "rss_sampled")
+    assert summary["train_peak_mb"] > 0 and summary["train_baseline_mb"] > 0
+    assert summary["train_peak_reserved_mb"] is None
+    assert summary["machine_at_end"]["peak_rss_mb"] >= summary["train_baseline_mb"]  # the whole process's peak
+    assert f"training-phase peak: {summary['train_peak_mb']:.1f} MB ({summary['train_peak_method']})" in printed
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and all("ce" in r and "kd" in r for r in train)
@@ -48,7 +54,10 @@ def test_distill_writes_its_outputs_and_refuses_to_clobber(tmp_path, tiny_model_
     assert "holds a different run" in capsys.readouterr().err
     assert (out / "summary.json").stat().st_mtime_ns == stamp  # nothing touched
     assert main(distill_args(tiny_model_dir, general_jsonl, out, "--resume")) == 0  # finished: re-evaluates only
-    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["steps"] == 4
+    assert resumed["train_peak_mb"] is None and resumed["train_peak_method"] is None  # no training ran
+    assert "training-phase peak" not in capsys.readouterr().out
 
 
 def test_ctrl_c_leaves_a_checkpoint_and_resume_reproduces_the_run(tmp_path, tiny_model_dir, general_jsonl,
