@@ -29,6 +29,11 @@ class Scale:
     tell_budgets: tuple[int, ...]
     tell_general_samples: int
     bf16: bool
+    # NEO's evaluation split; at these defaults the arm configs (and their hashes) are the ones recorded before
+    # the fields existed. neo_eval_seed set: the same held-out and validation records for every seed and arm
+    neo_eval_seed: int | None = None
+    neo_eval_samples: int = 24
+    neo_validation_samples: int = 0
 
 
 SCALES = {
@@ -36,6 +41,9 @@ SCALES = {
                  tell_general_samples=104, bf16=False),
     "cpu-long": Scale("cpu-long", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25, tell_budgets=(8, 32, 128),
                       tell_general_samples=104, bf16=False),
+    "cpu-fixed-eval": Scale("cpu-fixed-eval", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25,
+                            tell_budgets=(8, 32, 128), tell_general_samples=104, bf16=False, neo_eval_seed=1234,
+                            neo_eval_samples=128, neo_validation_samples=64),
     "gpu": Scale("gpu", seq_len=1024, batch_size=8, neo_steps=400, tell_steps=200, tell_budgets=(16, 64, 256, 1024),
                  tell_general_samples=2400, bf16=True),
 }

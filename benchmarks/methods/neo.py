@@ -32,9 +32,12 @@ def arm_configs(scale: Scale, seeds: Sequence[int]) -> list[tuple[str, int, dict
     def config(seed: int, *, mode: str, alpha: float, rank: int = 16, lr: float) -> dict[str, Any]:
         train = TrainSettings(batch_size=scale.batch_size, max_steps=scale.neo_steps, learning_rate=lr, seed=seed,
                               bf16=scale.bf16, save_steps=10_000, **PINNED_TRAIN)
-        return {"mode": mode, "alpha": alpha, "lora_r": rank, "lora_alpha": 2.0 * rank, "lora_dropout": 0.05,
-                "divergence": "forward_kl", "temperature": 1.0, "seq_len": scale.seq_len, "max_samples": 1200,
-                "eval_samples": 24, "layers": "every_other", "train": asdict(train)}
+        fields = {"mode": mode, "alpha": alpha, "lora_r": rank, "lora_alpha": 2.0 * rank, "lora_dropout": 0.05,
+                  "divergence": "forward_kl", "temperature": 1.0, "seq_len": scale.seq_len, "max_samples": 1200,
+                  "eval_samples": scale.neo_eval_samples, "layers": "every_other", "train": asdict(train)}
+        if scale.neo_eval_seed is not None:  # only then: the other scales' configs stay as recorded
+            fields.update(eval_seed=scale.neo_eval_seed, validation_samples=scale.neo_validation_samples)
+        return fields
 
     runs = []
     for seed in seeds:
@@ -63,6 +66,10 @@ def row(arm: str, seed: int, record: dict[str, Any], scale: Scale) -> dict[str, 
         "top1_before": round(before["top1_agreement"], 4), "top1_after": round(after["top1_agreement"], 4),
         "teacher_ce": round(before["teacher_ce"], 4), "eval_tokens": s["eval_tokens"],
         "s_per_step": round(s["train_s_per_step"], 3) if s.get("train_s_per_step") else "",
+        # training loop only, above the memory in use when it began (tellneo.memory); "" in runs before it existed
+        "train_peak_mb": s["train_peak_mb"] if s.get("train_peak_mb") is not None else "",
+        "train_peak_method": s.get("train_peak_method") or "",
+        "val_ce_after": round(s["validation"]["ce"], 4) if s.get("validation") else "",
         **machine_columns(record),
     }
 
@@ -85,11 +92,13 @@ def _mean(rows: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per arm (mean over seeds, with min–max when there are several; each seed holds out its
-    own evaluation records, so "before" is a mean too)."""
+    """Markdown: one line per arm (mean over seeds, with min–max when there are several; unless the scale fixes
+    the eval seed, each seed holds out its own evaluation records, so "before" is a mean too). The
+    training-phase peak is "n/a" for rows recorded before it was measured."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     head = ["arm", "seeds", "trainable params", "held-out CE (before → after)", "KL to teacher (before → after)",
-            "top-1 agreement (before → after)", "process peak RSS MB (teacher + student)", "s/step"]
+            "top-1 agreement (before → after)", "process peak RSS MB (teacher + student)",
+            "training-phase peak MB", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in arms:
         group = [r for r in rows if r["arm"] == arm]
@@ -104,7 +113,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{_mean(group, 'ce_before')[0]:.3f} → {cell('ce_after')}",
             f"{_mean(group, 'kl_before')[0]:.3f} → {cell('kl_after')}",
             f"{_mean(group, 'top1_before')[0]:.3f} → {cell('top1_after')}",
-            cell("peak_rss_mb", 0), cell("s_per_step", 2)]) + " |")
+            cell("peak_rss_mb", 0),
+            cell("train_peak_mb", 0) if all(r.get("train_peak_mb") not in (None, "") for r in group) else "n/a",
+            cell("s_per_step", 2)]) + " |")
     return "\n".join(lines)
 
 

@@ -58,13 +58,15 @@ def tell_config(config: dict[str, Any], run_dir: Path) -> Any:
 
 
 def _neo(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
-    from tellneo.recipes.distill import run_distill
-    from tellneo.recipes.records import general_records, split_records
+    from tellneo.recipes.distill import run_distill, split_distill_records
+    from tellneo.recipes.records import general_records
 
     cfg = distill_config(config, run_dir)
     records, _ = general_records(cfg.data, cfg.max_samples)
-    train, held_out = split_records(records, cfg.eval_samples, cfg.train.seed)
-    return run_distill(cfg, resume=True, progress=False), _records_hash(train, held_out)
+    seed = cfg.train.seed if cfg.eval_seed is None else cfg.eval_seed
+    train, held_out, validation = split_distill_records(records, cfg.eval_samples, cfg.validation_samples, seed)
+    lists = (train, held_out, validation) if validation else (train, held_out)  # no validation: the former hash
+    return run_distill(cfg, resume=True, progress=False), _records_hash(*lists)
 
 
 def _tell(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:

@@ -156,6 +156,9 @@ def print_result(summary: dict[str, Any], output_dir: Any, lines: list[str]) -> 
     print()
     for line in lines:
         print(line)
+    if summary.get("train_peak_mb") is not None:
+        print(f"training-phase peak: {summary['train_peak_mb']:.1f} MB ({summary['train_peak_method']}) above "
+              f"{summary['train_baseline_mb']:.1f} MB in use when training began")
     m0, m1 = summary["machine_at_start"], summary["machine_at_end"]
     print(f"machine: {m0['torch_threads']} torch thread(s) on {m0['cpu_cores']} cores ({m0['busy_cores']} busy "
           f"with other work at the start), load average "

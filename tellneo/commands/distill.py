@@ -72,6 +72,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                              "records (default: pairs from Python's documentation)")
     g.add_argument("--max-samples", type=int, default=1200, help="use at most this many records (0 = all)")
     g.add_argument("--eval-samples", type=int, default=24, help="records held out for evaluation")
+    g.add_argument("--eval-seed", type=int, default=None,
+                   help="seed that draws the held-out (and validation) records; default: the training --seed, so "
+                        "the held-out set changes with it. Fix it to compare training seeds and arms on the same "
+                        "held-out records")
+    g.add_argument("--validation-samples", type=int, default=0,
+                   help="records drawn (with the eval seed) for a validation set, disjoint from the held-out and "
+                        "training records and evaluated after training (summary.json 'validation'): choose the "
+                        "learning rate and other settings on validation, report the held-out metrics; 0 = none")
     g.add_argument("--seq-len", type=int, default=512,
                    help="tokens per packed row, at most 1048576; longer records are dropped and counted in the "
                         "summary, and a held-out set that would lose more than half of its records is refused")
@@ -114,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         student=str(args.student) if args.student else None,
         layers=args.layers, data=str(args.data) if args.data else None,
         max_samples=args.max_samples or None, eval_samples=args.eval_samples, seq_len=args.seq_len,
+        eval_seed=args.eval_seed, validation_samples=args.validation_samples,
         mode=args.mode, preset=args.preset, lora=lora, kd=kd, offline_topk=args.offline_topk,
         eval_batch_size=args.eval_batch_size, **save_options(args), output_dir=str(args.output_dir),
         train=train_settings(args),

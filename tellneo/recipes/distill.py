@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tellneo.data.planning import MAX_SEQ_LEN
@@ -88,6 +90,10 @@ class DistillConfig:
     data: str | None = None  # general data jsonl; None = pairs from Python's documentation
     max_samples: int | None = 1200
     eval_samples: int = 24
+    # None = the training seed (the held-out set changes with train.seed); an int fixes the held-out (and
+    # validation) records across training seeds and arms
+    eval_seed: int | None = None
+    validation_samples: int = 0  # > 0: that many more records, disjoint from held-out and train (same eval seed)
     seq_len: int = 512
     mode: str = "lora"  # one of MODES
     preset: str = "default"
@@ -113,6 +119,10 @@ class DistillConfig:
             raise RecipeError(f"seq-len must be in [16, {MAX_SEQ_LEN}], got {self.seq_len}")
         if self.eval_samples <= 0:
             raise RecipeError(f"eval-samples must be positive, got {self.eval_samples}")
+        if self.validation_samples < 0:
+            raise RecipeError(f"validation-samples must be >= 0, got {self.validation_samples}")
+        if self.eval_seed is not None and not (isinstance(self.eval_seed, int) and self.eval_seed >= 0):
+            raise RecipeError(f"eval-seed must be a non-negative integer or None, got {self.eval_seed!r}")
         if self.offline_topk < 0:
             raise RecipeError(f"offline-topk must be >= 0, got {self.offline_topk}")
         check_output_options(self.merged_dtype)
@@ -130,11 +140,40 @@ class DistillConfig:
         d = asdict(self)
         for name in ("output_dir", *OUTPUT_OPTIONS):  # where and what to save does not change the run
             d.pop(name)
+        for name, default in NEW_FIELD_DEFAULTS.items():  # at their defaults: the identity runs had before them
+            if d[name] == default:
+                d.pop(name)
         d["lora"] = lora.to_dict() if self.mode == "lora" else None
         d["kd"] = asdict(kd)
         d["train"] = train.to_dict()
         d["data_sha256"] = file_sha256(self.data)  # the file's contents: --resume refuses changed data
         return d
+
+
+# fields added after runs were recorded: left out of the manifest at these values (the split they give is the
+# one of runs made before the fields existed), so those runs keep their config hash and can be resumed
+NEW_FIELD_DEFAULTS: dict[str, Any] = {"eval_seed": None, "validation_samples": 0}
+
+
+def split_distill_records(records: Sequence[dict[str, Any]], eval_samples: int, validation_samples: int,
+                          seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, held_out, validation)`` from one seeded permutation of ``records``: its first ``eval_samples``
+    positions are the held-out set, the next ``validation_samples`` the validation set, the rest (in their
+    original order) the training set. The three are disjoint; the held-out set does not depend on
+    ``validation_samples``, and with ``validation_samples=0`` the result is
+    :func:`tellneo.recipes.records.split_records` ``(records, eval_samples, seed)`` plus an empty list."""
+    from tellneo.recipes.records import split_records
+
+    if validation_samples < 0:
+        raise RecipeError(f"validation-samples must be >= 0, got {validation_samples}")
+    train, held_out = split_records(records, eval_samples + validation_samples, seed)
+    if not validation_samples:
+        return train, held_out, []
+    order = np.random.default_rng(seed).permutation(len(records))
+    held = set(order[:eval_samples].tolist())
+    validation_idx = set(order[eval_samples:eval_samples + validation_samples].tolist())
+    return (train, [r for i, r in enumerate(records) if i in held],
+            [r for i, r in enumerate(records) if i in validation_idx])
 
 
 def get_preset(name: str) -> NeoPreset:
@@ -234,12 +273,14 @@ class _DistillRun(RecipeRun):
     def prepare(self, stage: Any, timings: dict[str, float]) -> Any:
         from tellneo.data import PackedDataset
         from tellneo.models import load_causal_lm
-        from tellneo.recipes.records import general_records, split_records, tokenize
+        from tellneo.recipes.records import general_records, tokenize
 
         cfg, train = self.cfg, self.train
         stage("reading data")
         records, self.source = general_records(cfg.data, cfg.max_samples)  # bad data fails before the slow loading
-        train_records, eval_records = split_records(records, cfg.eval_samples, train.seed)
+        eval_seed = train.seed if cfg.eval_seed is None else cfg.eval_seed
+        train_records, eval_records, validation_records = split_distill_records(
+            records, cfg.eval_samples, cfg.validation_samples, eval_seed)
 
         t0 = time.perf_counter()
         stage("loading the teacher")
@@ -258,12 +299,16 @@ class _DistillRun(RecipeRun):
         tok = self.tokenizer
         self.train_store = tokenize(train_records, tok, what="training", vocab_size=vocab, max_tokens=cfg.seq_len)
         self.eval_store = tokenize(eval_records, tok, what="held-out", vocab_size=vocab, max_tokens=cfg.seq_len)
+        self.validation_store = tokenize(validation_records, tok, what="validation", vocab_size=vocab,
+                                         max_tokens=cfg.seq_len) if validation_records else None
         self.dropped = check_kept(len(train_records), len(self.train_store), len(eval_records),
                                   len(self.eval_store), cfg.seq_len)
         stage("packing")
         pad_id = tok.pad_token_id or 0
         self.train_ds = PackedDataset(self.train_store, cfg.seq_len, seed=train.seed, shuffle=True, pad_id=pad_id)
         self.eval_ds = PackedDataset(self.eval_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
+        self.validation_ds = None if self.validation_store is None else \
+            PackedDataset(self.validation_store, cfg.seq_len, shuffle=False, pad_id=pad_id)
         timings["data_s"] = time.perf_counter() - t0
         return self.train_ds
 
@@ -274,6 +319,7 @@ class _DistillRun(RecipeRun):
         cfg, state, out = self.cfg, self.state, self.out
         self.dataset, self.collator, self.eval_extra = self.train_ds, PackedCollator("rows"), None
         self.teacher_cache: dict[int, torch.Tensor] = {}
+        self.validation_extra, self.validation = None, None
         if not (cfg.offline_topk > 0 and self.kd.alpha > 0):
             return
         t0 = time.perf_counter()
@@ -286,21 +332,35 @@ class _DistillRun(RecipeRun):
                 precompute_teacher_topk(self.teacher, self.eval_ds, out / "teacher_topk" / "eval",
                                         k=cfg.offline_topk, temperature=self.kd.temperature,
                                         vocab_size=self.vocab, progress=self.progress)
+                if self.validation_ds is not None:
+                    precompute_teacher_topk(self.teacher, self.validation_ds, out / "teacher_topk" / "validation",
+                                            k=cfg.offline_topk, temperature=self.kd.temperature,
+                                            vocab_size=self.vocab, progress=self.progress)
         self.dataset = TopkDataset(self.train_ds, out / "teacher_topk" / "train")
         self.eval_extra = TopkDataset(self.eval_ds, out / "teacher_topk" / "eval").topk
+        if self.validation_ds is not None:
+            self.validation_extra = TopkDataset(self.validation_ds, out / "teacher_topk" / "validation").topk
         self.collator = TopkCollator()
         self.teacher = None
         timings["teacher_topk_s"] = time.perf_counter() - t0
 
     def evaluate(self, model: Any, label: str) -> dict[str, Any]:
+        """Held-out metrics; after training (``label="after"``) also the validation set's, into
+        ``self.validation`` (evaluated once: it is for choosing settings such as the learning rate)."""
+        if label == "after" and self.validation_ds is not None:
+            self.validation = self._metrics(model, self.validation_ds, self.validation_extra, {}, "validation")
+        return self._metrics(model, self.eval_ds, self.eval_extra, self.teacher_cache, label)
+
+    def _metrics(self, model: Any, dataset: Any, extra: Any, cache: dict[int, torch.Tensor],
+                 label: str) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         from tellneo.recipes.evaluate import distill_metrics, eval_batches
 
-        n_batches = math.ceil(len(self.eval_ds) / self.cfg.eval_batch_size)
+        n_batches = math.ceil(len(dataset) / self.cfg.eval_batch_size)
         with tqdm(total=n_batches, desc=f"evaluating ({label})", unit="batch", disable=not self.progress) as bar:
-            return distill_metrics(model, eval_batches(self.eval_ds, self.cfg.eval_batch_size, extra=self.eval_extra),
-                                   teacher=self.teacher, teacher_cache=self.teacher_cache,
+            return distill_metrics(model, eval_batches(dataset, self.cfg.eval_batch_size, extra=extra),
+                                   teacher=self.teacher, teacher_cache=cache,
                                    temperature=self.kd.temperature, progress=bar)
 
     def trainable_model(self) -> Any:
@@ -351,6 +411,9 @@ class _DistillRun(RecipeRun):
             "lora": self.lora.to_dict() if cfg.mode == "lora" else None, "kd": asdict(self.kd),
             "learning_rate": self.train.learning_rate, "trainable_parameters": run.trainable,
             "total_parameters": run.total, "before": before, "after": after,
+            "eval_seed": self.train.seed if cfg.eval_seed is None else cfg.eval_seed,
+            "validation_records": 0 if self.validation_store is None else len(self.validation_store),
+            "validation": self.validation,  # after training; None without --validation-samples
         }
         table = markdown_table(
             ["held-out metric", "student before", "student after", "teacher"],

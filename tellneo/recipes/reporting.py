@@ -12,7 +12,7 @@ from typing import Any
 from tellneo.io import atomic_save_figure, atomic_write_text, to_json
 
 __all__ = ["StageBar", "fmt", "loss_figure", "machine_state", "markdown_table", "plot_loss_curve",
-           "save_pretrained_atomic", "write_summary"]
+           "process_peak", "save_pretrained_atomic", "train_memory_fields", "write_summary"]
 
 
 class StageBar:
@@ -62,6 +62,35 @@ def machine_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return state
+
+
+def train_memory_fields(result: Any) -> dict[str, Any]:
+    """Summary fields of the training phase's memory (a :class:`tellneo.memory.PhaseMemory`, or None when no
+    training ran): ``train_peak_mb`` (MiB above ``train_baseline_mb``, the memory in use when training began),
+    ``train_peak_method`` (where the number comes from, see :mod:`tellneo.memory`), ``train_peak_reserved_mb``
+    (CUDA allocator reserve growth; None on CPU) and ``train_baseline_mb``."""
+    if result is None:
+        return {"train_peak_mb": None, "train_peak_method": None, "train_peak_reserved_mb": None,
+                "train_baseline_mb": None}
+    d = result.to_dict()
+    return {"train_peak_mb": d["peak_mb"], "train_peak_method": d["method"],
+            "train_peak_reserved_mb": d["peak_reserved_mb"], "train_baseline_mb": d["baseline_mb"]}
+
+
+def process_peak(machine: dict[str, Any], result: Any = None, cuda_peak_before_mb: float | None = None
+                 ) -> dict[str, Any]:
+    """``machine`` (a :func:`machine_state`) with its whole-process peaks made whole again after a
+    :class:`tellneo.memory.TrainingMemory` phase: on Linux the CPU meter resets ``VmHWM``, which also resets
+    ``ru_maxrss``, and the CUDA meter resets ``max_memory_allocated``, so a reading taken afterwards covers only the
+    time since the phase began. ``peak_rss_mb`` becomes the max of that reading and the meter's
+    ``process_peak_before_mb``; ``peak_cuda_allocated_mb`` the max with ``cuda_peak_before_mb``. A new dict."""
+    out = dict(machine)
+    before = getattr(result, "process_peak_before_mb", None)
+    if before is not None and out.get("peak_rss_mb") is not None:
+        out["peak_rss_mb"] = round(max(out["peak_rss_mb"], before), 1)
+    if cuda_peak_before_mb is not None and out.get("peak_cuda_allocated_mb") is not None:
+        out["peak_cuda_allocated_mb"] = round(max(out["peak_cuda_allocated_mb"], cuda_peak_before_mb), 1)
+    return out
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -127,8 +127,8 @@ def _run(recipe: RecipeRun, *, resume: bool, overwrite: bool, progress: bool, re
     from tellneo.io import lock_run_dir
     from tellneo.recipes.neo import KDTrainer
     from tellneo.recipes.model_parts import count_parameters
-    from tellneo.recipes.reporting import StageBar, machine_state, write_summary
-    from tellneo.recipes.training import MetricsJsonlCallback, read_metrics
+    from tellneo.recipes.reporting import StageBar, machine_state, process_peak, train_memory_fields, write_summary
+    from tellneo.recipes.training import TRAIN_MEMORY_ATTR, MetricsJsonlCallback, read_metrics
 
     t_start = time.perf_counter()
     train, manifest, out = recipe.train, recipe.manifest, Path(recipe.output_dir)
@@ -188,6 +188,7 @@ def _run(recipe: RecipeRun, *, resume: bool, overwrite: bool, progress: bool, re
     summary, table = recipe.summary(TrainedRun(before, after, model, trainer, metrics, trainable, total,
                                                global_batch))
     train_rows = [r for r in metrics if "loss" in r]
+    train_memory = getattr(trainer, TRAIN_MEMORY_ATTR, None)
     summary.update({
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "last_loss": train_rows[-1]["loss"] if train_rows else None,
@@ -195,7 +196,11 @@ def _run(recipe: RecipeRun, *, resume: bool, overwrite: bool, progress: bool, re
         "train_s_per_step": seconds_per_step(timings["train_s"], trainer.state.global_step, resume_from)
         if train_output is not None else None,
         "timings": {k: round(v, 2) for k, v in timings.items()},
-        "processes": state.num_processes, "machine_at_start": machine_start, "machine_at_end": machine_state(),
+        "processes": state.num_processes, "machine_at_start": machine_start,
+        # the training-phase meter resets the kernel's/allocator's peaks: keep the whole-process peak honest
+        "machine_at_end": process_peak(machine_state(), train_memory,
+                                       getattr(trainer, "tellneo_cuda_peak_before_mb", None)),
+        **train_memory_fields(train_memory),
         "outputs": written if state.is_main_process else {},
     })
     if state.is_main_process:

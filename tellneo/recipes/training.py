@@ -444,12 +444,30 @@ def seconds_per_step(seconds: float, global_step: int, resumed_from: Path | None
     return round(seconds / steps, 3) if steps > 0 else None
 
 
+TRAIN_MEMORY_ATTR = "tellneo_train_memory"  # set on the trainer by run_training: a tellneo.memory.PhaseMemory
+
+
+def _memory_meter(trainer: Any) -> Any:
+    """A :class:`tellneo.memory.TrainingMemory` for the device the trainer trains on (CUDA: the caching
+    allocator's peak; any other device: the process RSS)."""
+    from tellneo.memory import TrainingMemory
+
+    device = getattr(trainer.args, "device", None)
+    return TrainingMemory(device=device if getattr(device, "type", None) == "cuda" else "cpu")
+
+
 def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:
     """``trainer.train(resume_from_checkpoint=...)`` with the interrupt protocol of
     :class:`InterruptCallback`; returns ``(train output or None, interrupted)``.
 
+    The training loop runs inside a :class:`tellneo.memory.TrainingMemory`; its
+    :class:`~tellneo.memory.PhaseMemory` is set as ``trainer.tellneo_train_memory`` (:data:`TRAIN_MEMORY_ATTR`;
+    None when no training ran, e.g. resuming a finished run). On CUDA, ``torch.cuda.max_memory_allocated()``
+    read before training is kept as ``trainer.tellneo_cuda_peak_before_mb`` (the meter resets that counter).
+
     A non-finite loss or gradient norm raises :class:`NonFiniteError` (a
     RecipeError: one line from the CLI) naming the step and the last good checkpoint."""
+    setattr(trainer, TRAIN_MEMORY_ATTR, None)
     if resume_from is not None and trainer.args.max_steps > 0:
         from transformers import TrainerState
 
@@ -463,8 +481,13 @@ def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:
     if callback is None:
         callback = InterruptCallback()
         trainer.add_callback(callback)
+    meter = _memory_meter(trainer)
+    if meter.device.type == "cuda":
+        trainer.tellneo_cuda_peak_before_mb = torch.cuda.max_memory_allocated(meter.device) / 2**20
     try:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        with meter:
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        setattr(trainer, TRAIN_MEMORY_ATTR, meter.result)
     finally:  # an error inside the loop skips on_train_end: restore the SIGINT handler anyway (idempotent)
         callback.on_train_end(trainer.args, trainer.state, trainer.control)
     return output, callback.interrupted

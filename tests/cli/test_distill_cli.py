@@ -31,6 +31,12 @@ def test_distill_writes_its_outputs_and_refuses_to_clobber(tmp_path, tiny_model_
     assert summary["steps"] == 4 and summary["student"]["layers"] == [0, 2]
     assert summary["before"]["tokens"] == summary["after"]["tokens"] > 0
     assert summary["after"]["ce"] < summary["before"]["ce"]  # 4 steps at lr 1e-2 on a random tiny model
+    # training-phase memory (CPU here): growth over the RSS at entry, from the kernel's reset high-water mark
+    assert summary["train_peak_method"] in ("rss_vmhwm", "rss_vmhwm_unreset", "rss_sampled")
+    assert summary["train_peak_mb"] > 0 and summary["train_baseline_mb"] > 0
+    assert summary["train_peak_reserved_mb"] is None
+    assert summary["machine_at_end"]["peak_rss_mb"] >= summary["train_baseline_mb"]  # the whole process's peak
+    assert f"training-phase peak: {summary['train_peak_mb']:.1f} MB ({summary['train_peak_method']})" in printed
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and all("ce" in r and "kd" in r for r in train)
@@ -48,7 +54,10 @@ def test_distill_writes_its_outputs_and_refuses_to_clobber(tmp_path, tiny_model_
     assert "holds a different run" in capsys.readouterr().err
     assert (out / "summary.json").stat().st_mtime_ns == stamp  # nothing touched
     assert main(distill_args(tiny_model_dir, general_jsonl, out, "--resume")) == 0  # finished: re-evaluates only
-    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["steps"] == 4
+    assert resumed["train_peak_mb"] is None and resumed["train_peak_method"] is None  # no training ran
+    assert "training-phase peak" not in capsys.readouterr().out
 
 
 def test_ctrl_c_leaves_a_checkpoint_and_resume_reproduces_the_run(tmp_path, tiny_model_dir, general_jsonl,
@@ -82,11 +91,28 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_reproduces_the_run(tmp_path, tiny
     assert [(r["step"], r["loss"]) for r in steps] == [(r["step"], r["loss"]) for r in ref]
 
 
+def test_eval_seed_and_validation_set(tmp_path, tiny_model_dir, general_jsonl):
+    out = tmp_path / "val"
+    assert main(distill_args(tiny_model_dir, general_jsonl, out, "--eval-seed", "5", "--validation-samples", "6",
+                             "--max-steps", "2")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_seed"] == 5 and summary["eval_records"] == 8 and summary["validation_records"] == 6
+    assert summary["train_records"] == 60 - 8 - 6
+    v, a = summary["validation"], summary["after"]
+    assert v.keys() == a.keys() and v["tokens"] > 0 and v["tokens"] != a["tokens"]
+    assert v["kl"] >= 0 and v["top1_agreement"] > 0  # online teacher: every metric is defined
+    assert json.loads((out / "manifest.json").read_text())["config"]["validation_samples"] == 6
+
+
 def test_offline_topk_mode(tmp_path, tiny_model_dir, general_jsonl, capsys):
     out = tmp_path / "offline"
-    assert main(distill_args(tiny_model_dir, general_jsonl, out, "--offline-topk", "16")) == 0
+    assert main(distill_args(tiny_model_dir, general_jsonl, out, "--offline-topk", "16",
+                             "--validation-samples", "6")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and "teacher_topk_s" in summary["timings"]
+    # the validation set's teacher top-k is precomputed too: its KL is the top-k bucket KL, finite
+    assert summary["validation_records"] == 6 and summary["validation"]["tokens"] > 0
+    assert summary["validation"]["kl"] >= 0 and list((out / "teacher_topk" / "validation").glob("*/shard-*.npz"))
     assert list((out / "teacher_topk" / "train").glob("epoch-000/shard-*.npz"))
     assert 0.0 <= summary["after"]["top1_agreement"] <= 1.0
 
@@ -169,7 +195,7 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--teacher", "--student", "--layers", "--mode", "--preset", "--lora-r", "--alpha", "--temperature",
                  "--divergence", "--offline-topk", "--data", "--seq-len", "--max-steps", "--batch-size",
                  "--grad-accum", "--learning-rate", "--bf16", "--gradient-checkpointing", "--output-dir", "--resume",
-                 "--overwrite", "--seed"):
+                 "--overwrite", "--seed", "--eval-seed", "--validation-samples"):
         assert flag in text
     assert "(default: every_other)" in text and "(default: 24)" in text and "(default: outputs/distill)" in text
 
