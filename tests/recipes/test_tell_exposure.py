@@ -14,6 +14,7 @@ from tellneo.recipes.errors import RecipeError
 from tellneo.recipes.records import general_records
 from tellneo.recipes.tell import TellConfig, build_tell_dataset, draw_general, task_exposure
 from tellneo.recipes.training import TrainSettings
+from tests.recipes.helpers import smollm2_tokenizer  # noqa: F401 (fixture)
 from tests.recipes.test_tell_recipe import stores
 
 
@@ -104,3 +105,23 @@ def test_default_mix_and_manifest_unchanged():
     assert not {"exposures", "general_per_task", "general_reuse"} & set(m)
     counted = TellConfig(exposures=2).manifest()
     assert counted["exposures"] == 2 and counted["general_reuse"] is True
+
+
+def test_counted_general_reads_the_seeded_pool_past_overlong_records(smollm2_tokenizer):  # noqa: F811
+    """The recipe's general draw: records tokenized in order until N*k*r fit seq_len; overlong ones are skipped
+    (and counted as dropped), a pool that runs out is reused."""
+    from tellneo.recipes.tell import _TellRun
+
+    records = [{"prompt": f"q{i}", "response": ("long " * 200) if i % 3 == 0 else f"short answer {i}"}
+               for i in range(90)]  # 30 overlong, 60 short
+    run = _TellRun(TellConfig(seq_len=64, exposures=1, general_per_task=5.0))
+    run.tokenizer = smollm2_tokenizer
+    vocab = len(smollm2_tokenizer)
+    store, used = run._counted_general(records, 40, vocab)
+    assert len(store) == 40 and run.general_counts == {"general_unique": 40, "general_reused": 0}
+    assert int(store.lengths.max()) <= 64 and used == 64  # one chunk of 64 records: 42 short ones, 40 kept
+    store, used = run._counted_general(records, 100, vocab)
+    assert len(store) == 100 and used == 90 and run.general_counts == {"general_unique": 60, "general_reused": 40}
+    run.cfg.general_reuse = False
+    with pytest.raises(RecipeError, match="60 usable samples"):
+        run._counted_general(records, 100, vocab)
