@@ -273,6 +273,12 @@ def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConf
     dataset = PackedDataset(source, cfg.seq_len, window=cfg.window or None, shuffle=False, pad_id=pad_id,
                             overlong="truncate")
     dataset.repeats = 1
+    if task_slots is not None and min_rows > 0:  # the trainer drops a partial last global batch: say what it costs
+        shown = task_exposure(dataset, dataset.steps_per_epoch(min_rows), min_rows)["task_samples"]
+        if shown != task_slots:
+            logger.warning("exposures: an epoch of %d rows in global batches of %d shows %d of the N*k = %d task "
+                           "samples (the partial last batch is dropped); change --batch-size/--grad-accum or "
+                           "--seq-len to show them all", len(dataset), min_rows, shown, task_slots)
     return dataset
 
 

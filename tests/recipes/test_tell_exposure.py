@@ -125,3 +125,19 @@ def test_counted_general_reads_the_seeded_pool_past_overlong_records(smollm2_tok
     run.cfg.general_reuse = False
     with pytest.raises(RecipeError, match="60 usable samples"):
         run._counted_general(records, 100, vocab)
+
+
+def test_a_dropped_partial_batch_that_hides_task_samples_is_said(caplog):
+    task, pool = stores(n_task=6, n_general=400)
+    cfg = TellConfig(seq_len=64, window=16, exposures=2, general_per_task=4.0)
+    general, _ = draw_general(pool, cfg.general_needed(6))
+    ds = build_tell_dataset(task, general, cfg, pad_id=0)
+    full = task_exposure(ds, 1, len(ds))["task_samples"]
+    assert full == 12
+    with caplog.at_level(logging.WARNING, logger="tellneo"):
+        build_tell_dataset(task, general, cfg, pad_id=0, min_rows=1)  # every row read: nothing to say
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="tellneo"):
+        build_tell_dataset(task, general, cfg, pad_id=0, min_rows=len(ds) // 2 + 1)  # about half the rows dropped
+    shown = task_exposure(ds, 1, len(ds) // 2 + 1)["task_samples"]
+    assert shown < 12 and len(caplog.records) == 1 and f"shows {shown} of the N*k = 12" in caplog.text
