@@ -90,3 +90,21 @@ def test_exposures_show_n_times_k_task_samples(tmp_path, tiny_model_dir, general
     assert "--general-reuse" in err and "1,600" in err
     assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "bad", "--general-per-task", "3")) == 2
     assert "disagree" in capsys.readouterr().err
+
+
+def test_exposure_flags_round_trip_through_a_manifest(tmp_path):
+    from tellneo.cli import build_parser
+    from tellneo.commands.tell import config_from_args
+    from tellneo.recipes.tell import TellConfig
+
+    cfg = TellConfig(exposures=3, general_per_task=4.0, general_reuse=False, task_ratio=0.2)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"config": cfg.manifest()}))
+    parser, argv = build_parser(), ["tell", "--config", str(path)]
+    first = parser.parse_args(argv)
+    args = first.reparse_with_config(parser, argv, first)  # what main() does with --config
+    again = config_from_args(args)
+    assert (again.exposures, again.general_per_task, again.general_reuse) == (3, 4.0, False)
+    assert again.manifest() == cfg.manifest()
+    plain = config_from_args(build_parser().parse_args(["tell"]))
+    assert (plain.exposures, plain.general_per_task, plain.general_reuse) == (None, None, True)
