@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "arguments: the embedded SmolLM2-135M-Instruct, the generated date_iso task (English dates -> "
                     "YYYY-MM-DD; 32 training samples, 40 held-out test prompts) and 48 general pairs from Python's "
                     "documentation, one epoch at a 1:1 task ratio (a demo sized for a few minutes on 2 CPU cores; "
-                    "TELL proper uses far more general data: raise --general-samples and lower --task-ratio). "
+                    "TELL proper uses far more general data: give --exposures k and --general-per-task r, and each "
+                    "task sample is shown k times among N*k*r general samples drawn at random from the pool). "
                     "--method sft trains on the task samples alone (the baseline); --no-anchor and --spread "
                     "end/random are TELL's ablations.",
         formatter_class=HelpFormatter,
