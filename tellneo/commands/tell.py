@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "arguments: the embedded SmolLM2-135M-Instruct, the generated date_iso task (English dates -> "
                     "YYYY-MM-DD; 32 training samples, 40 held-out test prompts) and 48 general pairs from Python's "
                     "documentation, one epoch at a 1:1 task ratio (a demo sized for a few minutes on 2 CPU cores; "
-                    "TELL proper uses far more general data: raise --general-samples and lower --task-ratio). "
+                    "TELL proper uses far more general data: give --exposures k and --general-per-task r, and each "
+                    "task sample is shown k times among N*k*r general samples drawn at random from the pool). "
                     "--method sft trains on the task samples alone (the baseline); --no-anchor and --spread "
                     "end/random are TELL's ablations.",
         formatter_class=HelpFormatter,
@@ -75,7 +76,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                 "python-docs, pairs from Python's documentation)")
     g.add_argument("--general-samples", type=int, default=48, help="general records used (0 = all)")
     g.add_argument("--task-ratio", type=float, default=0.5, help="fraction of the mixed samples that are task "
-                                                                  "samples (they repeat as needed)")
+                                                                  "samples (they repeat as needed); the other "
+                                                                  "spelling of --general-per-task r: 1/(1+r)")
+    g.add_argument("--exposures", type=int, default=None,
+                   help="k: times each task sample is shown in the epoch of the mix; the mix then holds exactly "
+                        "N*k task samples and N*k*r general samples drawn at random (seeded by --seed) from the "
+                        "whole --general pool, --general-samples unused (default: unset, the ratio mix above, "
+                        "where the first --general-samples records cap the task samples shown)")
+    g.add_argument("--general-per-task", type=float, default=None,
+                   help="r: general samples per task occurrence (default: from --task-ratio, 1 at 0.5; the "
+                        "paper's general >> task wants r >= 4); refused if it disagrees with a --task-ratio given")
+    g.add_argument("--general-reuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --exposures, when the pool has fewer than N*k*r samples that fit --seq-len: reuse "
+                        "them (one log line; counted as general_reused in summary.json), or with "
+                        "--no-general-reuse refuse the run")
     g.add_argument("--spread", default="stratified", choices=TELL_SPREADS,
                    help="placement of task samples: stratified = TELL's extensive shuffle; end = task block last "
                         "(no-shuffle ablation); random = plain random mix")
@@ -120,7 +134,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         task_file=str(args.task_file) if args.task_file else None,
         test_file=str(args.test_file) if args.test_file else None, task_samples=args.task_samples,
         test_samples=args.test_samples, method=args.method, use_anchor=use_anchor, anchor=anchor,
-        spread=args.spread, task_ratio=args.task_ratio, general=str(args.general) if args.general else None,
+        spread=args.spread, task_ratio=args.task_ratio, exposures=args.exposures,
+        general_per_task=args.general_per_task, general_reuse=args.general_reuse, general=str(args.general) if args.general else None,
         general_samples=args.general_samples or None, seq_len=args.seq_len, window=args.window,
         mode=args.mode, lora=lora, max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
         **save_options(args), output_dir=str(args.output_dir), train=train_settings(args),
@@ -135,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
     print_result(summary, args.output_dir, [
         f"arm: {summary['arm']}; {summary['steps']} steps of {summary['global_batch_rows']} x "
         f"{summary['seq_len']} tokens; task samples seen {e['task_samples']} ({e['task_tokens']:,} task tokens, "
-        f"{e['task_trained_tokens']:,} trained) of {e['all_tokens']:,} tokens",
+        f"{e['task_trained_tokens']:,} trained) of {e['all_tokens']:,} tokens; general samples seen "
+        f"{summary['general_samples_shown']} ({summary['general_unique']} distinct, {summary['general_reused']} "
+        "reused)",
         f"time: {t['total_s']:.0f} s in all (training {t['train_s']:.0f} s, accuracy "
         f"{t['eval_before_s'] + t['eval_after_s']:.0f} s)"])
     return 0

@@ -74,11 +74,14 @@ def _check_task_slots(k: int, n_task: int, n_general: int, task_ratio: float) ->
 
 
 def mix_order(
-    n_task: int, n_general: int, *, task_ratio: float, seed: int, epoch: int, spread: str = "stratified"
+    n_task: int, n_general: int, *, task_ratio: float, seed: int, epoch: int, spread: str = "stratified",
+    task_slots: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The mixed order of one epoch: ``(is_task [T] bool, index [T] int64)``.
 
-    ``index[j]`` is an index into the task set where ``is_task[j]``, else into the general set.
+    ``index[j]`` is an index into the task set where ``is_task[j]``, else into the general set. ``task_slots``
+    (optional) fixes K instead of deriving it from ``task_ratio`` (exposure counting: ``n_task * k`` slots hold
+    every task sample exactly k times, in k rounds); ``task_ratio`` is then only validated.
     """
     if n_task <= 0:
         raise ValueError("the task set is empty: TELL needs at least one task sample")
@@ -88,7 +91,12 @@ def mix_order(
     seed, epoch = _check_seed("seed", seed), _check_seed("epoch", epoch)
     if spread not in SPREADS:
         raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
-    k = num_task_slots(n_general, task_ratio)
+    if task_slots is None:
+        k = num_task_slots(n_general, task_ratio)
+    else:
+        k = _check_seed("task_slots", task_slots)
+        if k == 0:
+            raise ValueError("task_slots must be positive")
     _check_task_slots(k, n_task, n_general, task_ratio)
     total = n_general + k
 
@@ -177,9 +185,12 @@ def tell_mix_store(
     epoch: int,
     spread: str = "stratified",
     train_anchor: bool = False,
+    task_slots: int | None = None,
 ) -> tuple[TokenStore, np.ndarray]:
-    """:func:`tell_mix` on TokenStores, vectorised: ``(mixed store, is_task [T] bool)``."""
-    is_task, index = mix_order(len(task), len(general), task_ratio=task_ratio, seed=seed, epoch=epoch, spread=spread)
+    """:func:`tell_mix` on TokenStores, vectorised: ``(mixed store, is_task [T] bool)``; ``task_slots`` as in
+    :func:`mix_order`."""
+    is_task, index = mix_order(len(task), len(general), task_ratio=task_ratio, seed=seed, epoch=epoch, spread=spread,
+                               task_slots=task_slots)
     anchored = anchored_task_store(task, anchor_ids, train_anchor=train_anchor)
     combined = TokenStore.concat([general, anchored])
     return combined.take(np.where(is_task, index + len(general), index)), is_task

@@ -40,7 +40,8 @@ from tellneo.recipes.training import TrainSettings
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["METHODS", "SPREADS", "TellConfig", "build_tell_dataset", "run_tell", "task_data", "task_exposure"]
+__all__ = ["METHODS", "SPREADS", "TellConfig", "build_tell_dataset", "draw_general", "run_tell", "task_data",
+           "task_exposure"]
 
 FILE_TASK_NEW_TOKENS = 16  # answer budget for --task-file tasks without --max-new-tokens
 METHODS = TELL_METHODS
@@ -66,6 +67,18 @@ class TellConfig:
     ``lora``: the adapters (mode ``"lora"``); the ``None`` fields of ``train`` (learning rate, schedule, warm-up,
     epochs) are :data:`tellneo.recipes.settings.TELL_TRAIN_DEFAULTS` (:meth:`resolve`). The former flat keywords
     (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``fused_lora``) are still accepted, with a DeprecationWarning.
+
+    Exposure counting (``method="tell"``): ``exposures`` (k) is how many times each task sample is shown in one
+    epoch of the mix, ``general_per_task`` (r) how many general samples go with each task occurrence (the other
+    spelling of ``task_ratio``: ``task_ratio = 1 / (1 + r)``; both given and inconsistent is refused; with ``r``
+    given, a ``task_ratio`` left at its default 0.5 is taken as unset). With k given, the mix holds exactly
+    ``N * k`` task samples and ``round(N * k * r)`` general samples drawn at random (seeded by ``train.seed``)
+    from the whole general pool (``general_samples`` is not used); a pool too small (after the ``seq_len``
+    filter) is reused, said in one log line and counted as ``general_reused``, or refused with
+    ``general_reuse=False``. With k unset (the default) the run is today's: the first ``general_samples``
+    records, each shown once, and ``round(G * task_ratio / (1 - task_ratio))`` task slots; the issue-14 defaults
+    (r >= 4, k set) are *not* adopted as defaults here because recorded manifests and hashes rely on these, and
+    the manifest holds the three new fields only when k or r is given.
     """
 
     model: str | None = None  # GGUF file or HF directory; None = the embedded SmolLM2-135M-Instruct
@@ -81,6 +94,9 @@ class TellConfig:
     task_ratio: float = 0.5  # fraction of the mixed samples that are task samples (tell)
     general: str | None = None  # general data jsonl; None = pairs from Python's documentation
     general_samples: int | None = 48
+    exposures: int | None = None  # k: times each task sample is shown per epoch (None: today's ratio mix)
+    general_per_task: float | None = None  # r: general samples per task occurrence (task_ratio = 1 / (1 + r))
+    general_reuse: bool = True  # with k: reuse general samples when the pool is too small (False: refuse)
     seq_len: int = 512
     window: int = 64  # packing window (samples) that keeps the mixed order
     mode: str = "lora"  # one of MODES
@@ -107,6 +123,18 @@ class TellConfig:
             raise RecipeError(f"spread must be one of {', '.join(SPREADS)}, got {self.spread!r}")
         if not 0.0 < self.task_ratio < 1.0:
             raise RecipeError(f"task-ratio must be in (0, 1), got {self.task_ratio}")
+        if self.exposures is not None and (isinstance(self.exposures, bool) or self.exposures <= 0):
+            raise RecipeError(f"exposures must be a positive integer, got {self.exposures!r}")
+        if self.exposures is not None and self.method != "tell":
+            raise RecipeError("exposures counts the TELL mix (--method tell); SFT's exposure is its --epochs")
+        if self.general_per_task is not None:
+            if not self.general_per_task > 0 or not math.isfinite(self.general_per_task):
+                raise RecipeError(f"general-per-task must be a positive number, got {self.general_per_task!r}")
+            implied = 1.0 / (1.0 + self.general_per_task)
+            if self.task_ratio != 0.5 and not math.isclose(self.task_ratio, implied, rel_tol=1e-9):
+                raise RecipeError(f"task-ratio {self.task_ratio} and general-per-task {self.general_per_task} "
+                                  f"disagree (general-per-task r means task-ratio 1/(1+r) = {implied:.6g}); "
+                                  "give one of them")
         for name in ("task_samples", "test_samples", "seq_len", "max_new_tokens", "eval_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise RecipeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -116,6 +144,23 @@ class TellConfig:
             raise RecipeError(f"seq-len must be at most {MAX_SEQ_LEN}, got {self.seq_len}")
         check_output_options(self.merged_dtype)
         return self.lora, self.train.resolve(TELL_TRAIN_DEFAULTS)
+
+    def effective_task_ratio(self) -> float:
+        """The task fraction of the mix: ``1 / (1 + general_per_task)`` when r is given, else ``task_ratio``."""
+        return 1.0 / (1.0 + self.general_per_task) if self.general_per_task is not None else self.task_ratio
+
+    def general_per_task_occurrence(self) -> float:
+        """r: ``general_per_task``, else ``(1 - task_ratio) / task_ratio`` (1.0 at the default 0.5)."""
+        if self.general_per_task is not None:
+            return float(self.general_per_task)
+        return (1.0 - self.task_ratio) / self.task_ratio
+
+    def general_needed(self, n_task: int) -> int:
+        """General samples the exposure-counted mix needs for ``n_task`` task samples: ``round(N * k * r)``
+        (at least 1); ValueError without ``exposures``."""
+        if self.exposures is None:
+            raise ValueError("general_needed() is defined with exposures (k) only")
+        return max(1, int(round(n_task * self.exposures * self.general_per_task_occurrence())))
 
     def answer_tokens(self) -> int:
         """Greedy tokens generated per test prompt: ``max_new_tokens``, else the generated task's own budget
@@ -147,6 +192,9 @@ class TellConfig:
         d["max_new_tokens"] = self.answer_tokens()
         # the files' contents: --resume refuses changed data
         d["data_sha256"] = {k: file_sha256(getattr(self, k)) for k in ("task_file", "test_file", "general")}
+        if self.exposures is None and self.general_per_task is None:  # today's manifest (and hash) unchanged
+            for name in ("exposures", "general_per_task", "general_reuse"):
+                d.pop(name)
         return d
 
 
@@ -192,7 +240,10 @@ def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConf
     """The training rows: TELL mix (``general_store`` given) packed in order, or the task samples alone (SFT),
     shuffled per epoch. SFT on a handful of samples can pack into fewer rows than one global batch
     (``min_rows``): the epoch then holds the task samples ``k`` times (the smallest ``k`` that fills a batch),
-    recorded as ``dataset.repeats``."""
+    recorded as ``dataset.repeats``.
+
+    With ``cfg.exposures`` (k) the TELL mix of each epoch holds exactly ``len(task_store) * k`` task samples (each
+    k times) among all of ``general_store`` (give it :func:`draw_general` 's ``cfg.general_needed(N)`` samples)."""
     from tellneo.data import PackedDataset, TokenStore, tell_mix_store
 
     if general_store is None:
@@ -214,21 +265,55 @@ def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConf
         return dataset
 
     def source(epoch: int) -> tuple[Any, np.ndarray]:
-        return tell_mix_store(task_store, general_store, anchor_ids=[], task_ratio=cfg.task_ratio,
-                              seed=cfg.train.seed, epoch=epoch, spread=cfg.spread)
+        return tell_mix_store(task_store, general_store, anchor_ids=[], task_ratio=cfg.effective_task_ratio(),
+                              seed=cfg.train.seed, epoch=epoch, spread=cfg.spread, task_slots=task_slots)
+
+    task_slots = None if cfg.exposures is None else len(task_store) * cfg.exposures
 
     dataset = PackedDataset(source, cfg.seq_len, window=cfg.window or None, shuffle=False, pad_id=pad_id,
                             overlong="truncate")
     dataset.repeats = 1
+    if task_slots is not None and min_rows > 0:  # the trainer drops a partial last global batch: say what it costs
+        shown = task_exposure(dataset, dataset.steps_per_epoch(min_rows), min_rows)["task_samples"]
+        if shown != task_slots:
+            logger.warning("exposures: an epoch of %d rows in global batches of %d shows %d of the N*k = %d task "
+                           "samples (the partial last batch is dropped); change --batch-size/--grad-accum or "
+                           "--seq-len to show them all", len(dataset), min_rows, shown, task_slots)
     return dataset
+
+
+def draw_general(store: Any, need: int, *, reuse: bool = True) -> tuple[Any, dict[str, int]]:
+    """``(general store of exactly need samples, counts)`` for the exposure-counted mix.
+
+    ``store`` (a :class:`tellneo.data.TokenStore`) is the general pool already in its seeded random order; the
+    first ``need`` samples are kept. A pool of fewer samples is cycled (sample ``i`` of the result is pool sample
+    ``i % len(store)``), said in one log line, or refused (RecipeError naming the flags) when ``reuse`` is False.
+    ``counts``: ``general_unique`` (distinct pool samples used) and ``general_reused`` (``need - general_unique``).
+    """
+    if need <= 0:
+        raise ValueError(f"need must be positive, got {need}")
+    have = len(store)
+    if have == 0:
+        raise RecipeError("the general data is empty")
+    if have < need:
+        if not reuse:
+            raise RecipeError(f"the general pool has {have:,} usable samples but --exposures x --task-samples x "
+                              f"--general-per-task needs {need:,}: give a bigger --general pool, lower --exposures "
+                              "or --general-per-task, or allow --general-reuse")
+        logger.warning("general pool too small: %d usable samples for the %d the mix needs; each is reused about "
+                       "%.1f times (--no-general-reuse refuses instead)", have, need, need / have)
+    unique = min(have, need)
+    return store.take(np.arange(need, dtype=np.int64) % have), {"general_unique": unique,
+                                                                "general_reused": need - unique}
 
 
 def task_exposure(dataset: Any, steps: int, global_batch: int) -> dict[str, int]:
     """What ``steps`` optimizer steps of ``global_batch`` rows read from ``dataset`` (epochs in order, each
     epoch's rows in the dataset's order, a partial last global batch dropped): task samples, their tokens
-    (anchor and prompt included) and their trained (response) tokens, and the same totals for all samples."""
+    (anchor and prompt included) and their trained (response) tokens, the same totals for all samples, and the
+    general samples (``general_samples``, ``general_tokens``: the non-task ones)."""
     totals = dict.fromkeys(("task_samples", "task_tokens", "task_trained_tokens", "all_tokens",
-                            "all_trained_tokens"), 0)
+                            "all_trained_tokens", "general_samples", "general_tokens"), 0)
     remaining = steps * global_batch
     epoch = 0
     original = dataset.epoch
@@ -248,6 +333,8 @@ def task_exposure(dataset: Any, steps: int, global_batch: int) -> dict[str, int]
         piece_trained = trained[first + p.length] - trained[first] if trained is not None else p.length
         task_piece = used & is_task[p.sample]
         totals["task_samples"] += int(np.count_nonzero(task_piece & (p.start == 0)))
+        totals["general_samples"] += int(np.count_nonzero(used & ~is_task[p.sample] & (p.start == 0)))
+        totals["general_tokens"] += int(p.length[used & ~is_task[p.sample]].sum())
         totals["task_tokens"] += int(p.length[task_piece].sum())
         totals["task_trained_tokens"] += int(piece_trained[task_piece].sum())
         totals["all_tokens"] += int(p.length[used].sum())
@@ -292,8 +379,12 @@ class _TellRun(RecipeRun):
         cfg = self.cfg
         stage("reading data")
         self.train_pairs, self.test_pairs, anchor, self.score, self.task_source = task_data(cfg)  # before loading
-        general, self.general_source = general_records(cfg.general, cfg.general_samples) if cfg.method == "tell" \
-            else (None, None)
+        counted = cfg.method == "tell" and cfg.exposures is not None
+        if counted:  # the whole pool in a seeded random order; tokenized below as far as the mix needs
+            general, self.general_source = general_records(cfg.general, None, seed=cfg.train.seed)
+        else:
+            general, self.general_source = general_records(cfg.general, cfg.general_samples) \
+                if cfg.method == "tell" else (None, None)
 
         t0 = time.perf_counter()
         stage("loading the model")
@@ -310,12 +401,16 @@ class _TellRun(RecipeRun):
         self.prefix = prefix = anchor if cfg.anchored else ""
         vocab = int(model.get_output_embeddings().weight.shape[0])
         task_store = tokenize(self.train_pairs, self.tokenizer, what="task", vocab_size=vocab, prompt_prefix=prefix)
-        general_store = None
-        if general is not None:
-            general_store = tokenize(general, self.tokenizer, what="general", vocab_size=vocab,
-                                     max_tokens=cfg.seq_len)
+        general_store, used = None, 0
+        self.general_counts = {"general_unique": 0, "general_reused": 0}
+        if counted:
+            general_store, used = self._counted_general(general, cfg.general_needed(len(task_store)), vocab)
+        elif general is not None:
+            general_store, used = tokenize(general, self.tokenizer, what="general", vocab_size=vocab,
+                                           max_tokens=cfg.seq_len), len(general)
+            self.general_counts["general_unique"] = len(general_store)
         self.overlong = {
-            "general_records_dropped": len(general) - len(general_store) if general is not None else 0,
+            "general_records_dropped": used - len(general_store) if general_store is not None else 0,
             "task_samples_truncated": int((task_store.lengths > cfg.seq_len).sum())}
         if any(self.overlong.values()):
             logger.warning(f"--seq-len {cfg.seq_len}: {self.overlong['general_records_dropped']} longer general "
@@ -326,6 +421,32 @@ class _TellRun(RecipeRun):
                                           min_rows=self.global_batch)
         timings["data_s"] = time.perf_counter() - t0
         return self.dataset
+
+    def _counted_general(self, records: list[dict], need: int, vocab: int) -> tuple[Any, int]:
+        """``(general store of need samples, records read)``: the seeded pool tokenized in chunks until ``need``
+        samples fit ``seq_len`` (or the pool ends), then :func:`draw_general`."""
+        from tellneo.data import TokenStore
+        from tellneo.recipes.records import tokenize
+
+        cfg, parts, have, used = self.cfg, [], 0, 0
+        while have < need and used < len(records):
+            chunk = records[used: used + max(need - have, 64)]
+            used += len(chunk)
+            try:
+                part = tokenize(chunk, self.tokenizer, what="general", vocab_size=vocab, max_tokens=cfg.seq_len)
+            except RecipeError:
+                if parts or used < len(records):
+                    continue  # a chunk of overlong records: read on
+                raise
+            parts.append(part)
+            have += len(part)
+        if not parts:
+            raise RecipeError(f"no general sample fits --seq-len {cfg.seq_len}")
+        pool = TokenStore.concat(parts) if len(parts) > 1 else parts[0]
+        if len(pool) > need:
+            pool = pool.take(np.arange(need, dtype=np.int64))
+        store, self.general_counts = draw_general(pool, need, reuse=cfg.general_reuse)
+        return store, used
 
     def evaluate(self, model: Any, label: str) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -361,18 +482,34 @@ class _TellRun(RecipeRun):
         return save_model_outputs(model, self.out, self.tokenizer, mode=cfg.mode, save_merged=cfg.save_merged,
                                   merged_dtype=cfg.merged_dtype, save_gguf=cfg.save_gguf, model_source=cfg.model)
 
+    def exposure_counts(self, exposure: dict[str, int]) -> dict[str, Any]:
+        """The summary's exposure counts: task/general samples and tokens shown, distinct and reused general
+        samples, and ``task_samples_planned`` (``N * k`` with ``exposures``, else None)."""
+        cfg = self.cfg
+        planned = len(self.train_pairs) * cfg.exposures if cfg.exposures is not None and cfg.method == "tell" \
+            else None
+        if planned is not None and exposure["task_samples"] != planned:
+            logger.warning("task samples shown %d != N*k = %d (the run's steps end before or after one epoch of "
+                           "the mix, or a partial last global batch was dropped)", exposure["task_samples"], planned)
+        return {"exposures": cfg.exposures, "general_per_task": cfg.general_per_task_occurrence()
+                if cfg.method == "tell" else 0.0, "task_samples_planned": planned,
+                "task_samples_shown": exposure["task_samples"], "general_samples_shown": exposure["general_samples"],
+                **self.general_counts, "task_tokens_seen": exposure["task_tokens"],
+                "general_tokens_seen": exposure["general_tokens"]}
+
     def summary(self, run: TrainedRun) -> tuple[dict[str, Any], str]:
         from tellneo.recipes.reporting import markdown_table
 
         cfg, before, after, steps = self.cfg, run.before, run.after, run.trainer.state.global_step
+        exposure = task_exposure(self.dataset, steps, run.global_batch)
         summary = {
             "recipe": "tell", "method": cfg.method, "arm": self.arm, "mode": cfg.mode, "task": self.task_source,
-            "general": self.general_source, "anchor_chars": len(self.prefix), "task_ratio": cfg.task_ratio if
+            "general": self.general_source, "anchor_chars": len(self.prefix), "task_ratio": cfg.effective_task_ratio() if
             cfg.method == "tell" else 1.0, "spread": cfg.spread if cfg.method == "tell" else None,
             "train_task_pairs": len(self.train_pairs), "task_repeats_per_epoch": self.dataset.repeats,
             "overlong": self.overlong, "test_pairs": len(self.test_pairs), "steps": steps,
             "global_batch_rows": run.global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": len(self.dataset),
-            "exposure": task_exposure(self.dataset, steps, run.global_batch), "trainable_parameters": run.trainable,
+            "exposure": exposure, **self.exposure_counts(exposure), "trainable_parameters": run.trainable,
             "total_parameters": run.total, "lora": self.lora.to_dict() if cfg.mode == "lora" else None,
             "learning_rate": self.train.learning_rate,
             "before": {k: before[k] for k in ("accuracy", "correct", "n")},

@@ -54,8 +54,9 @@ def test_tell_bad_inputs(tmp_path, tiny_model_dir, general_jsonl, capsys):
     bad.write_text('{"prompt": "q", "response": "a"}\n{"oops": 1}\n')
     assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "o", "--task-file", str(bad), "--no-anchor")) == 2
     assert "bad.jsonl:2: a record needs 'prompt'+'response'" in capsys.readouterr().err
-    assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "o", "--task", "nope")) == 2
-    assert "unknown task 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # --task choices are TASK_NAMES: argparse refuses
+        main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "o", "--task", "nope"))
+    assert exit_.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
     assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "o", "--task-ratio", "1")) == 2
     assert "task-ratio must be in (0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing was written for a run that never started
@@ -67,6 +68,43 @@ def test_help_explains_every_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--model", "--task", "--task-file", "--test-file", "--task-samples", "--anchor", "--no-anchor",
                  "--method", "--general", "--task-ratio", "--spread", "--seq-len", "--max-steps", "--output-dir",
-                 "--resume"):
+                 "--resume", "--exposures", "--general-per-task", "--general-reuse", "--no-general-reuse"):
         assert flag in text
     assert "(default: stratified)" in text and "(default: date_iso)" in text
+
+
+def test_exposures_show_n_times_k_task_samples(tmp_path, tiny_model_dir, general_jsonl, capsys):
+    out = tmp_path / "k"
+    assert main(tell_args(tiny_model_dir, general_jsonl, out, "--max-steps", "-1", "--exposures", "2",
+                          "--general-per-task", "4", "--task-ratio", "0.2")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["task_samples_planned"] == 16 and s["general_per_task"] == 4.0 and s["exposures"] == 2
+    assert s["task_samples_shown"] == s["exposure"]["task_samples"]
+    assert s["task_samples_shown"] == 16  # N*k: the whole epoch of the mix was read
+    assert s["general_unique"] + s["general_reused"] == 64 and s["general_samples_shown"] <= 64
+    assert s["task_tokens_seen"] + s["general_tokens_seen"] == s["exposure"]["all_tokens"]
+    assert "general samples seen" in capsys.readouterr().out
+    assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "no", "--exposures", "50",
+                          "--general-per-task", "4", "--no-general-reuse")) == 2
+    err = capsys.readouterr().err
+    assert "--general-reuse" in err and "1,600" in err
+    assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "bad", "--general-per-task", "3")) == 2
+    assert "disagree" in capsys.readouterr().err
+
+
+def test_exposure_flags_round_trip_through_a_manifest(tmp_path):
+    from tellneo.cli import build_parser
+    from tellneo.commands.tell import config_from_args
+    from tellneo.recipes.tell import TellConfig
+
+    cfg = TellConfig(exposures=3, general_per_task=4.0, general_reuse=False, task_ratio=0.2)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"config": cfg.manifest()}))
+    parser, argv = build_parser(), ["tell", "--config", str(path)]
+    first = parser.parse_args(argv)
+    args = first.reparse_with_config(parser, argv, first)  # what main() does with --config
+    again = config_from_args(args)
+    assert (again.exposures, again.general_per_task, again.general_reuse) == (3, 4.0, False)
+    assert again.manifest() == cfg.manifest()
+    plain = config_from_args(build_parser().parse_args(["tell"]))
+    assert (plain.exposures, plain.general_per_task, plain.general_reuse) == (None, None, True)
