@@ -172,12 +172,15 @@ def task_accuracy(
     max_new_tokens: int = 24,
     progress: Any = None,
     keep_examples: int = 5,
+    metrics: Callable[[str, str], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers to ``pairs`` (``{"prompt", "response"}``).
 
     Prompts are rendered with the chat template (``prompt_prefix``, e.g. the anchor prompt, in front of the user
     message) and left-padded in batches; generation is greedy and stops at the tokenizer's EOS. Returns
-    ``{"accuracy", "correct", "n", "examples": [{prompt, reference, prediction, correct}, ...]}``.
+    ``{"accuracy", "correct", "n", "examples": [{prompt, reference, prediction, correct}, ...]}``, and with
+    ``metrics`` (a per-answer ``(prediction, reference) -> {name: 0..1}``, e.g. :meth:`tellneo.data.tasks.Task.metrics`)
+    also ``"metrics": {name: mean over all pairs}``.
     """
     if not pairs:
         raise ValueError("task_accuracy needs at least one test pair")
@@ -187,6 +190,7 @@ def task_accuracy(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     correct = 0
+    totals: dict[str, float] = {}
     examples: list[dict[str, Any]] = []
     try:
         for first in range(0, len(pairs), batch_size):
@@ -200,6 +204,9 @@ def task_accuracy(
             for pair, answer in zip(chunk, answers):
                 ok = bool(score(answer.strip(), pair["response"]))
                 correct += ok
+                if metrics is not None:
+                    for name, value in metrics(answer.strip(), pair["response"]).items():
+                        totals[name] = totals.get(name, 0.0) + float(value)
                 if len(examples) < keep_examples:
                     examples.append({"prompt": pair["prompt"], "reference": pair["response"],
                                      "prediction": answer.strip(), "correct": ok})
@@ -208,4 +215,7 @@ def task_accuracy(
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return {"accuracy": correct / len(pairs), "correct": correct, "n": len(pairs), "examples": examples}
+    result = {"accuracy": correct / len(pairs), "correct": correct, "n": len(pairs), "examples": examples}
+    if metrics is not None:
+        result["metrics"] = {name: total / len(pairs) for name, total in totals.items()}
+    return result

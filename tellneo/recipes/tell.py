@@ -198,6 +198,23 @@ class TellConfig:
         return d
 
 
+#: Table labels of the per-answer task metrics (``Task.metrics``); others print as their names.
+METRIC_LABELS = {"valid": "JSON validity (parses as an object)"}
+
+
+def task_metrics(cfg: TellConfig) -> Any:
+    """The generated task's per-answer metrics (:meth:`tellneo.data.tasks.Task.metrics`), None for task files
+    (scored by exact match only)."""
+    if cfg.task_file is not None:
+        return None
+    from tellneo.data.tasks import get_task
+
+    try:
+        return get_task(cfg.task).metrics
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
 def task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
     """``(train pairs, test pairs, anchor text, score function, description)`` of ``cfg``'s task (a generated
     task split by ``cfg.train.seed``, or ``task_file`` / ``test_file``); RecipeError for unusable task data."""
@@ -457,7 +474,8 @@ class _TellRun(RecipeRun):
         with tqdm(total=len(self.test_pairs), desc=f"task accuracy ({label})", unit="prompt",
                   disable=not self.progress) as bar:
             return task_accuracy(model, self.tokenizer, self.test_pairs, score=self.score, prompt_prefix=self.prefix,
-                                 batch_size=cfg.eval_batch_size, max_new_tokens=cfg.answer_tokens(), progress=bar)
+                                 batch_size=cfg.eval_batch_size, max_new_tokens=cfg.answer_tokens(), progress=bar,
+                                 metrics=task_metrics(cfg))
 
     def trainable_model(self) -> Any:
         return attach_lora(self.model, self.lora) if self.mode == "lora" else self.model.requires_grad_(True)
@@ -512,14 +530,16 @@ class _TellRun(RecipeRun):
             "exposure": exposure, **self.exposure_counts(exposure), "trainable_parameters": run.trainable,
             "total_parameters": run.total, "lora": self.lora.to_dict() if cfg.mode == "lora" else None,
             "learning_rate": self.train.learning_rate,
-            "before": {k: before[k] for k in ("accuracy", "correct", "n")},
-            "after": {k: after[k] for k in ("accuracy", "correct", "n")},
+            "before": {k: before[k] for k in ("accuracy", "correct", "n", "metrics") if k in before},
+            "after": {k: after[k] for k in ("accuracy", "correct", "n", "metrics") if k in after},
             "examples_after": after["examples"],
         }
         table = markdown_table(
             ["held-out task metric", "before", "after"],
             [["exact-match accuracy", before["accuracy"], after["accuracy"]],
              ["correct / test prompts", f"{before['correct']} / {before['n']}",
-              f"{after['correct']} / {after['n']}"]],
+              f"{after['correct']} / {after['n']}"],
+             *[[METRIC_LABELS.get(name, name.replace("_", " ")), before["metrics"][name], value]
+               for name, value in after.get("metrics", {}).items() if name != "exact"]],
         )
         return summary, table

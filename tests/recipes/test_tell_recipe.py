@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,23 @@ def test_task_accuracy_scores_greedy_answers(smollm2_tokenizer):
     text = tok.decode(input_ids[0][mask[0].bool()])
     assert text == render_prompt(tok, pairs[0]["prompt"], prompt_prefix="ANCHOR\n")
     assert "ANCHOR\nDate: May 1, 2001" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_task_accuracy_averages_the_task_metrics_over_every_answer(smollm2_tokenizer):
+    """json_record reports JSON validity and per-field rates beside exact match, averaged over all answers (not
+    only the kept examples), across batches."""
+    from tellneo.data.tasks import JSON_RECORD
+
+    tok = smollm2_tokenizer
+    pairs = JSON_RECORD.pairs(3, seed=0, split="test")
+    ref = [json.loads(p["response"]) for p in pairs]
+    wrong_amount = dict(ref[1], amount=ref[1]["amount"] + 1)
+    answers = [json.dumps(ref[0]), json.dumps(wrong_amount), "JSON: not an object"]
+    model = ScriptedLM(tok, answers)
+    res = task_accuracy(model, tok, pairs, score=JSON_RECORD.score, batch_size=2, keep_examples=1,
+                        max_new_tokens=JSON_RECORD.max_new_tokens, metrics=JSON_RECORD.metrics)
+    assert (res["correct"], res["n"]) == (1, 3) and len(res["examples"]) == 1
+    m = res["metrics"]
+    assert m["valid"] == pytest.approx(2 / 3) and m["exact"] == pytest.approx(1 / 3)
+    assert m["field_amount"] == pytest.approx(1 / 3) and m["field_name"] == pytest.approx(2 / 3)
+    assert "metrics" not in task_accuracy(ScriptedLM(tok, answers), tok, pairs, score=JSON_RECORD.score)
