@@ -167,14 +167,8 @@ class TellConfig:
         (``json_record`` answers run to ~50 tokens; 16 would cut every one off), else 16 for task files."""
         if self.max_new_tokens is not None:
             return self.max_new_tokens
-        if self.task_file is not None:
-            return FILE_TASK_NEW_TOKENS
-        from tellneo.data.tasks import get_task
-
-        try:
-            return get_task(self.task).max_new_tokens
-        except ValueError as exc:
-            raise RecipeError(str(exc)) from None
+        task = generated_task(self)
+        return FILE_TASK_NEW_TOKENS if task is None else task.max_new_tokens
 
     def validate(self) -> LoraSettings:
         """The LoRA settings of :meth:`resolve` (the former name)."""
@@ -202,32 +196,39 @@ class TellConfig:
 METRIC_LABELS = {"valid": "JSON validity (parses as an object)"}
 
 
-def task_metrics(cfg: TellConfig) -> Any:
-    """The generated task's per-answer metrics (:meth:`tellneo.data.tasks.Task.metrics`), None for task files
-    (scored by exact match only)."""
+def generated_task(cfg: TellConfig) -> Any:
+    """The :class:`tellneo.data.tasks.Task` named by ``cfg.task``, or None when ``cfg.task_file`` is given;
+    RecipeError for an unknown name."""
     if cfg.task_file is not None:
         return None
     from tellneo.data.tasks import get_task
 
     try:
-        return get_task(cfg.task).metrics
+        return get_task(cfg.task)
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
+
+
+def task_metrics(cfg: TellConfig) -> Any:
+    """The generated task's per-answer metrics (:meth:`tellneo.data.tasks.Task.metrics`), None for task files
+    (scored by exact match only)."""
+    task = generated_task(cfg)
+    return None if task is None else task.metrics
 
 
 def task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
     """``(train pairs, test pairs, anchor text, score function, description)`` of ``cfg``'s task (a generated
     task split by ``cfg.train.seed``, or ``task_file`` / ``test_file``); RecipeError for unusable task data."""
     from tellneo.data.files import read_records
-    from tellneo.data.tasks import Task, get_task
+    from tellneo.data.tasks import Task
 
-    if cfg.task_file is None:
+    task = generated_task(cfg)
+    if task is not None:
         try:
-            task = get_task(cfg.task)
-        except ValueError as exc:
-            raise RecipeError(str(exc)) from None
-        train = task.pairs(cfg.task_samples, seed=cfg.train.seed, split="train")
-        test = task.pairs(cfg.test_samples, seed=cfg.train.seed, split="test")
+            train = task.pairs(cfg.task_samples, seed=cfg.train.seed, split="train")
+            test = task.pairs(cfg.test_samples, seed=cfg.train.seed, split="test")
+        except ValueError as exc:  # e.g. more test prompts than the fixed held-out pool holds
+            raise RecipeError(f"task {task.name}: {exc}") from None
         anchor = cfg.anchor if cfg.anchor is not None else task.anchor_prompt
         return train, test, anchor, task.score, (f"generated task {task.name} ({cfg.task_samples} train / "
                                                  f"{cfg.test_samples} test pairs, seed {cfg.train.seed})")

@@ -223,3 +223,11 @@ def test_tell_answer_budget_comes_from_the_task():
         TellConfig(task="nope").answer_tokens()
     tell_help = build_parser()._subparsers._group_actions[0].choices["tell"].format_help()
     assert all(name in tell_help for name in TASK_NAMES)
+
+
+def test_more_test_prompts_than_the_held_out_pool_is_a_recipe_error():
+    from tellneo.data.tasks import HELD_OUT_POOL
+    from tellneo.recipes.tell import TellConfig, task_data
+
+    with pytest.raises(RecipeError, match="task date_iso: "):
+        task_data(TellConfig(test_samples=HELD_OUT_POOL + 1))
