@@ -76,7 +76,8 @@ class PhaseMemory:
     sampled_peak_mb: float | None = None  # CPU: the sampler's highest RSS - RSS@entry
     samples: int = 0
     interval_s: float | None = None
-    process_peak_before_mb: float | None = None  # CPU: VmHWM at entry (the whole-process peak up to then)
+    process_peak_before_mb: float | None = None  # the whole-process peak up to entry, which the reset hides:
+    # CPU: VmHWM at entry; CUDA: max_memory_allocated() at entry
 
     def to_dict(self, prefix: str = "") -> dict[str, Any]:
         """JSON-ready fields (floats rounded to 0.1 MiB), each key prefixed with ``prefix``."""
@@ -230,8 +231,9 @@ class TrainingMemory:
         import torch
 
         torch.cuda.synchronize(self.device)
+        peak_before = torch.cuda.max_memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._state = {"allocated": torch.cuda.memory_allocated(self.device),
+        self._state = {"peak_before": peak_before, "allocated": torch.cuda.memory_allocated(self.device),
                        "reserved": torch.cuda.memory_reserved(self.device)}
 
     def _exit_cuda(self, state: dict[str, Any], duration: float) -> PhaseMemory:
@@ -242,7 +244,7 @@ class TrainingMemory:
         reserved = (torch.cuda.max_memory_reserved(self.device) - state["reserved"]) / _MIB
         return PhaseMemory(peak_mb=max(0.0, peak), method="cuda_max_memory_allocated", device=str(self.device),
                            baseline_mb=state["allocated"] / _MIB, duration_s=duration,
-                           peak_reserved_mb=max(0.0, reserved))
+                           peak_reserved_mb=max(0.0, reserved), process_peak_before_mb=state["peak_before"] / _MIB)
 
     # -- CPU ----------------------------------------------------------------------------------------------------
     def _enter_cpu(self) -> None:

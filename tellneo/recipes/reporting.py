@@ -83,9 +83,12 @@ def process_peak(machine: dict[str, Any], result: Any = None, cuda_peak_before_m
     :class:`tellneo.memory.TrainingMemory` phase: on Linux the CPU meter resets ``VmHWM``, which also resets
     ``ru_maxrss``, and the CUDA meter resets ``max_memory_allocated``, so a reading taken afterwards covers only the
     time since the phase began. ``peak_rss_mb`` becomes the max of that reading and the meter's
-    ``process_peak_before_mb``; ``peak_cuda_allocated_mb`` the max with ``cuda_peak_before_mb``. A new dict."""
+    ``process_peak_before_mb`` (CPU meter); ``peak_cuda_allocated_mb`` the max with the CUDA meter's
+    ``process_peak_before_mb`` (or ``cuda_peak_before_mb`` when given). A new dict."""
     out = dict(machine)
     before = getattr(result, "process_peak_before_mb", None)
+    if str(getattr(result, "method", "")).startswith("cuda"):
+        before, cuda_peak_before_mb = None, before if cuda_peak_before_mb is None else cuda_peak_before_mb
     if before is not None and out.get("peak_rss_mb") is not None:
         out["peak_rss_mb"] = round(max(out["peak_rss_mb"], before), 1)
     if cuda_peak_before_mb is not None and out.get("peak_cuda_allocated_mb") is not None:

@@ -198,8 +198,7 @@ def _run(recipe: RecipeRun, *, resume: bool, overwrite: bool, progress: bool, re
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "processes": state.num_processes, "machine_at_start": machine_start,
         # the training-phase meter resets the kernel's/allocator's peaks: keep the whole-process peak honest
-        "machine_at_end": process_peak(machine_state(), train_memory,
-                                       getattr(trainer, "tellneo_cuda_peak_before_mb", None)),
+        "machine_at_end": process_peak(machine_state(), train_memory),
         **train_memory_fields(train_memory),
         "outputs": written if state.is_main_process else {},
     })

@@ -462,8 +462,8 @@ def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:
 
     The training loop runs inside a :class:`tellneo.memory.TrainingMemory`; its
     :class:`~tellneo.memory.PhaseMemory` is set as ``trainer.tellneo_train_memory`` (:data:`TRAIN_MEMORY_ATTR`;
-    None when no training ran, e.g. resuming a finished run). On CUDA, ``torch.cuda.max_memory_allocated()``
-    read before training is kept as ``trainer.tellneo_cuda_peak_before_mb`` (the meter resets that counter).
+    None when no training ran, e.g. resuming a finished run); it also holds the whole-process peak the meter's
+    reset hides (``process_peak_before_mb``).
 
     A non-finite loss or gradient norm raises :class:`NonFiniteError` (a
     RecipeError: one line from the CLI) naming the step and the last good checkpoint."""
@@ -482,8 +482,6 @@ def run_training(trainer: Any, resume_from: Path | None) -> tuple[Any, bool]:
         callback = InterruptCallback()
         trainer.add_callback(callback)
     meter = _memory_meter(trainer)
-    if meter.device.type == "cuda":
-        trainer.tellneo_cuda_peak_before_mb = torch.cuda.max_memory_allocated(meter.device) / 2**20
     try:
         with meter:
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)

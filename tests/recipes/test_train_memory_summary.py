@@ -29,3 +29,12 @@ def test_process_peak_is_the_max_of_the_reading_after_the_reset_and_the_peak_bef
     assert process_peak(machine, None) == machine
     gpu = {"peak_rss_mb": 700.0, "peak_cuda_allocated_mb": 10.0}
     assert process_peak(gpu, None, cuda_peak_before_mb=30.0)["peak_cuda_allocated_mb"] == 30.0
+
+
+def test_process_peak_takes_the_cuda_meters_peak_before_for_the_allocator_not_for_rss():
+    from tellneo.memory import PhaseMemory
+
+    cuda = PhaseMemory(peak_mb=5.0, method="cuda_max_memory_allocated", device="cuda:0", baseline_mb=1.0,
+                       duration_s=1.0, process_peak_before_mb=30.0)
+    gpu = {"peak_rss_mb": 700.0, "peak_cuda_allocated_mb": 10.0}
+    assert process_peak(gpu, cuda) == {"peak_rss_mb": 700.0, "peak_cuda_allocated_mb": 30.0}
