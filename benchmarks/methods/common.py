@@ -34,6 +34,15 @@ class Scale:
     neo_eval_seed: int | None = None
     neo_eval_samples: int = 24
     neo_validation_samples: int = 0
+    # NEO's tuned protocol (issue 15), on when neo_lora_lrs is set: every main arm at seeds[0] over its grid, the
+    # learning rate with the lowest validation CE per arm, then seeds[1:] at it, and the sensitivity rows (LoRA
+    # variants, ranks, KD weights) as NEO at its chosen rate, seeds[0]
+    neo_lora_lrs: tuple[float, ...] = ()
+    neo_full_lrs: tuple[float, ...] = ()
+    neo_variants: tuple[str, ...] = ()
+    neo_ranks: tuple[int, ...] = ()  # besides the main arms' rank 16
+    neo_kd_weights: tuple[float, ...] = ()  # besides the main arms' 0.5
+    neo_max_samples: int | None = 1200  # general records drawn (held-out + validation + train); None = all
 
 
 SCALES = {
@@ -44,6 +53,18 @@ SCALES = {
     "cpu-fixed-eval": Scale("cpu-fixed-eval", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25,
                             tell_budgets=(8, 32, 128), tell_general_samples=104, bf16=False, neo_eval_seed=1234,
                             neo_eval_samples=128, neo_validation_samples=64),
+    # the tuned protocol on 2 CPU cores: 22 runs of 100 steps x 1024 tokens (about 8 minutes each at 2 threads)
+    "cpu-tuned": Scale("cpu-tuned", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25,
+                       tell_budgets=(8, 32, 128), tell_general_samples=104, bf16=False, neo_eval_seed=1234,
+                       neo_eval_samples=128, neo_validation_samples=64, neo_lora_lrs=(1e-3, 3e-3),
+                       neo_full_lrs=(1e-4, 3e-4, 1e-3), neo_variants=("rslora", "dora", "pissa"), neo_ranks=(64,)),
+    # the same protocol for a lent GPU (defined, not yet run): 1,000 steps x 8k tokens, 3 seeds, ranks 16/64/128,
+    # KD weights 0.5/0.9
+    "gpu-tuned": Scale("gpu-tuned", seq_len=1024, batch_size=8, neo_steps=1000, tell_steps=200,
+                       tell_budgets=(16, 64, 256, 1024), tell_general_samples=2400, bf16=True, neo_eval_seed=1234,
+                       neo_eval_samples=512, neo_validation_samples=256, neo_lora_lrs=(3e-4, 1e-3, 3e-3),
+                       neo_full_lrs=(3e-5, 1e-4, 3e-4), neo_variants=("rslora", "dora", "pissa"),
+                       neo_ranks=(64, 128), neo_kd_weights=(0.9,), neo_max_samples=None),
     "gpu": Scale("gpu", seq_len=1024, batch_size=8, neo_steps=400, tell_steps=200, tell_budgets=(16, 64, 256, 1024),
                  tell_general_samples=2400, bf16=True),
 }

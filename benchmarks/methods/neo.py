@@ -9,6 +9,7 @@ approaches full-parameter KD at a fraction of its memory.
 from __future__ import annotations
 
 import statistics
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,22 +23,39 @@ FULL_LR = 1e-4  # all weights move: ten times lower, the usual full fine-tuning 
 PINNED_TRAIN = {"epochs": 1.0, "lr_scheduler": "cosine", "warmup_ratio": 0.1}
 
 
-def arm_configs(scale: Scale, seeds: Sequence[int]) -> list[tuple[str, int, dict[str, Any]]]:
-    """``(arm, seed, arm settings)`` for every run (flat: ``mode``, ``alpha`` = KD weight, ``lora_r`` /
-    ``lora_alpha`` / ``lora_dropout``, ``divergence``, ``temperature``, the data fields and ``train``; the runner
-    turns them into a DistillConfig): the four arms (lora-ce and neo at every seed, the
-    full-parameter arms at the first seed) and the sensitivity runs (rank 8/64, KD weight 0.9, first seed)."""
+MAIN_ARMS = ("lora-ce", "neo", "full-kd", "full-ce")
+_ARM_SETTINGS = {"lora-ce": ("lora", 0.0), "neo": ("lora", 0.5), "full-kd": ("full", 0.5), "full-ce": ("full", 0.0)}
+
+
+def _arm_config(scale: Scale, seed: int, *, mode: str, alpha: float, lr: float, rank: int = 16,
+                variant: str = "lora") -> dict[str, Any]:
+    """One run's flat settings (``mode``, ``alpha`` = KD weight, ``lora_r`` / ``lora_alpha`` / ``lora_dropout``,
+    ``divergence``, ``temperature``, the data fields and ``train``; the runner turns them into a DistillConfig).
+    Fields a scale does not use stay out, so the configs (and run-directory hashes) of recorded scales hold."""
     from tellneo.recipes.training import TrainSettings
 
+    train = TrainSettings(batch_size=scale.batch_size, max_steps=scale.neo_steps, learning_rate=lr, seed=seed,
+                          bf16=scale.bf16, save_steps=10_000, **PINNED_TRAIN)
+    fields = {"mode": mode, "alpha": alpha, "lora_r": rank, "lora_alpha": 2.0 * rank, "lora_dropout": 0.05,
+              "divergence": "forward_kl", "temperature": 1.0, "seq_len": scale.seq_len,
+              "max_samples": scale.neo_max_samples, "eval_samples": scale.neo_eval_samples, "layers": "every_other",
+              "train": asdict(train)}
+    if scale.neo_eval_seed is not None:
+        fields.update(eval_seed=scale.neo_eval_seed, validation_samples=scale.neo_validation_samples)
+    if variant != "lora":
+        fields["lora_variant"] = variant
+    return fields
+
+
+def arm_configs(scale: Scale, seeds: Sequence[int]) -> list[tuple[str, int, dict[str, Any]]]:
+    """``(arm, seed, arm settings)`` for every run of a scale without a learning-rate grid: the four arms
+    (lora-ce and neo at every seed, the full-parameter arms at the first seed, each at its fixed rate) and the
+    sensitivity runs (rank 8/64, KD weight 0.9, first seed). Tuned scales: :func:`sweep_configs`."""
+    if scale.neo_lora_lrs:
+        raise ValueError(f"scale {scale.name!r} tunes the learning rate: use sweep_configs / followup_configs")
+
     def config(seed: int, *, mode: str, alpha: float, rank: int = 16, lr: float) -> dict[str, Any]:
-        train = TrainSettings(batch_size=scale.batch_size, max_steps=scale.neo_steps, learning_rate=lr, seed=seed,
-                              bf16=scale.bf16, save_steps=10_000, **PINNED_TRAIN)
-        fields = {"mode": mode, "alpha": alpha, "lora_r": rank, "lora_alpha": 2.0 * rank, "lora_dropout": 0.05,
-                  "divergence": "forward_kl", "temperature": 1.0, "seq_len": scale.seq_len, "max_samples": 1200,
-                  "eval_samples": scale.neo_eval_samples, "layers": "every_other", "train": asdict(train)}
-        if scale.neo_eval_seed is not None:  # only then: the other scales' configs stay as recorded
-            fields.update(eval_seed=scale.neo_eval_seed, validation_samples=scale.neo_validation_samples)
-        return fields
+        return _arm_config(scale, seed, mode=mode, alpha=alpha, rank=rank, lr=lr)
 
     runs = []
     for seed in seeds:
@@ -52,10 +70,57 @@ def arm_configs(scale: Scale, seeds: Sequence[int]) -> list[tuple[str, int, dict
     return runs
 
 
+def learning_rates(scale: Scale, arm: str) -> tuple[float, ...]:
+    """The grid a main arm is tuned over: the LoRA grid for ``lora-ce`` / ``neo``, the full grid otherwise."""
+    return scale.neo_lora_lrs if _ARM_SETTINGS[arm][0] == "lora" else scale.neo_full_lrs
+
+
+def sweep_configs(scale: Scale, seed: int) -> list[tuple[str, int, dict[str, Any]]]:
+    """Phase 1 of a tuned scale: every main arm at every rate of its grid, at ``seed``."""
+    return [(arm, seed, _arm_config(scale, seed, mode=_ARM_SETTINGS[arm][0], alpha=_ARM_SETTINGS[arm][1], lr=lr))
+            for arm in MAIN_ARMS for lr in learning_rates(scale, arm)]
+
+
+def followup_configs(scale: Scale, seeds: Sequence[int], best_lr: dict[str, float]
+                     ) -> list[tuple[str, int, dict[str, Any]]]:
+    """Phase 2 of a tuned scale: the main arms at ``seeds[1:]`` at their chosen rate (seeds[0] ran in the sweep),
+    then NEO's sensitivity rows at seeds[0] and NEO's rate: ``neo-<variant>``, ``neo-r<rank>``, ``neo-a<weight>``."""
+    runs = [(arm, seed, _arm_config(scale, seed, mode=_ARM_SETTINGS[arm][0], alpha=_ARM_SETTINGS[arm][1],
+                                    lr=best_lr[arm]))
+            for seed in seeds[1:] for arm in MAIN_ARMS if arm in best_lr]
+    if "neo" in best_lr:
+        first, lr = seeds[0], best_lr["neo"]
+        runs += [(f"neo-{v}", first, _arm_config(scale, first, mode="lora", alpha=0.5, lr=lr, variant=v))
+                 for v in scale.neo_variants]
+        runs += [(f"neo-r{r}", first, _arm_config(scale, first, mode="lora", alpha=0.5, lr=lr, rank=r))
+                 for r in scale.neo_ranks]
+        runs += [(f"neo-a{a}", first, _arm_config(scale, first, mode="lora", alpha=a, lr=lr))
+                 for a in scale.neo_kd_weights]
+    return runs
+
+
+def arm_names(scale: Scale, seeds: Sequence[int]) -> list[str]:
+    """Every arm name a scale runs (for ``--arms``)."""
+    if not scale.neo_lora_lrs:
+        return list(dict.fromkeys(arm for arm, _, _ in arm_configs(scale, seeds)))
+    return [*MAIN_ARMS, *(f"neo-{v}" for v in scale.neo_variants), *(f"neo-r{r}" for r in scale.neo_ranks),
+            *(f"neo-a{a}" for a in scale.neo_kd_weights)]
+
+
+def choose_learning_rates(sweep_rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Each arm's rate with the lowest validation CE after training (never the held-out set's)."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in sweep_rows:
+        val = float(r["val_ce_after"])
+        if r["arm"] not in best or val < best[r["arm"]][0]:
+            best[r["arm"]] = (val, float(r["learning_rate"]))
+    return {arm: lr for arm, (_, lr) in best.items()}
+
+
 def row(arm: str, seed: int, record: dict[str, Any], scale: Scale) -> dict[str, Any]:
     s, cfg = record["summary"], record["config"]
     before, after = s["before"], s["after"]
-    return {
+    out = {
         "experiment": "neo", "arm": arm, "seed": seed, "scale": scale.name, "mode": cfg["mode"],
         "kd_weight": cfg["alpha"], "lora_r": cfg["lora_r"] if cfg["mode"] == "lora" else "",
         "learning_rate": cfg["train"]["learning_rate"], "steps": s["steps"],
@@ -72,17 +137,55 @@ def row(arm: str, seed: int, record: dict[str, Any], scale: Scale) -> dict[str, 
         "val_ce_after": round(s["validation"]["ce"], 4) if s.get("validation") else "",
         **machine_columns(record),
     }
+    if scale.neo_lora_lrs:  # tuned scales only: the recorded scales' CSV columns stay as they were
+        out["lora_variant"] = cfg.get("lora_variant", "lora") if cfg["mode"] == "lora" else ""
+        out["tuned_lr"] = ""  # filled in by run() once the sweep has chosen
+    return out
 
 
 def run(scale: Scale, seeds: Sequence[int], root: Path, run_arm: Callable[..., dict[str, Any]],
-        progress: Callable[[str], None], arms: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    rows = []
-    for arm, seed, config in arm_configs(scale, seeds):
-        if arms and arm not in arms:
-            continue
-        progress(f"neo {arm} seed {seed}")
-        record = run_arm("neo", config, run_dir_for("neo", f"{arm}-s{seed}", config, root))  # scale is in the hash
-        rows.append(row(arm, seed, record, scale))
+        progress: Callable[[str], None], arms: Sequence[str] | None = None, *, jobs: int = 1,
+        save: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Run the scale's arms (``jobs`` at a time, each in its own process) and return one row per run; ``save``
+    gets the rows so far after every finished run (a long sweep leaves its results behind when interrupted).
+    A tuned scale runs :func:`sweep_configs`, chooses each arm's rate on validation CE
+    (:func:`choose_learning_rates`), then :func:`followup_configs`; its rows say ``tuned_lr`` (True for the
+    chosen rate's runs)."""
+    rows: list[dict[str, Any]] = []
+
+    def run_all(runs: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str, Any]]:
+        runs = [r for r in runs if not arms or r[0] in arms]
+
+        def one(item: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
+            arm, seed, config = item
+            lr = config["train"]["learning_rate"]
+            progress(f"neo {arm} seed {seed} lr {lr:g}: started")
+            record = run_arm("neo", config, run_dir_for("neo", f"{arm}-s{seed}", config, root))  # scale in hash
+            progress(f"neo {arm} seed {seed} lr {lr:g}: done in {record['wall_s']:.0f} s")
+            return row(arm, seed, record, scale)
+
+        done: list[dict[str, Any]] = []
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads only wait on child processes
+            for fut in as_completed([pool.submit(one, item) for item in runs]):
+                done.append(fut.result())
+                if save:
+                    save(rows + done)
+        order = {(arm, seed, c["train"]["learning_rate"]): i for i, (arm, seed, c) in enumerate(runs)}
+        return sorted(done, key=lambda r: order[(r["arm"], r["seed"], r["learning_rate"])])
+
+    if not scale.neo_lora_lrs:
+        return run_all(arm_configs(scale, seeds))
+    rows += run_all(sweep_configs(scale, seeds[0]))
+    best = choose_learning_rates(rows)
+    progress("chosen on validation CE: " + ", ".join(f"{arm} {lr:g}" for arm, lr in best.items()))
+    for r in rows:
+        r["tuned_lr"] = r["learning_rate"] == best[r["arm"]]
+    followup = run_all(followup_configs(scale, seeds, best))
+    for r in followup:
+        r["tuned_lr"] = True
+    rows += followup
+    if save:
+        save(rows)
     return rows
 
 

@@ -39,7 +39,8 @@ def distill_config(config: dict[str, Any], run_dir: Path) -> Any:
 
     fields = dict(config)
     train = TrainSettings(**fields.pop("train"))
-    lora = LoraSettings(r=fields.pop("lora_r"), alpha=fields.pop("lora_alpha"), dropout=fields.pop("lora_dropout"))
+    lora = LoraSettings(r=fields.pop("lora_r"), alpha=fields.pop("lora_alpha"), dropout=fields.pop("lora_dropout"),
+                        variant=fields.pop("lora_variant", "lora"))
     kd = KDSettings(alpha=fields.pop("alpha"), temperature=fields.pop("temperature"),
                     divergence=fields.pop("divergence"))
     return DistillConfig(**fields, lora=lora, kd=kd, train=train, output_dir=str(run_dir))
