@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.methods import neo_tuned
 from benchmarks.methods.common import Scale, machine_columns, run_dir_for
 
 LORA_LR = 1e-3  # the distill recipe's default for LoRA on CPU-sized runs
@@ -23,7 +24,7 @@ FULL_LR = 1e-4  # all weights move: ten times lower, the usual full fine-tuning 
 PINNED_TRAIN = {"epochs": 1.0, "lr_scheduler": "cosine", "warmup_ratio": 0.1}
 
 
-MAIN_ARMS = ("lora-ce", "neo", "full-kd", "full-ce")
+MAIN_ARMS = neo_tuned.MAIN_ARMS
 _ARM_SETTINGS = {"lora-ce": ("lora", 0.0), "neo": ("lora", 0.5), "full-kd": ("full", 0.5), "full-ce": ("full", 0.0)}
 
 
@@ -197,7 +198,10 @@ def _mean(rows: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per arm (mean over seeds, with min–max when there are several; unless the scale fixes
     the eval seed, each seed holds out its own evaluation records, so "before" is a mean too). The
-    training-phase peak is "n/a" for rows recorded before it was measured."""
+    training-phase peak is "n/a" for rows recorded before it was measured. Tuned scales:
+    :func:`benchmarks.methods.neo_tuned.table`."""
+    if neo_tuned.is_tuned(rows):
+        return neo_tuned.table(rows)
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     head = ["arm", "seeds", "trainable params", "held-out CE (before → after)", "KL to teacher (before → after)",
             "top-1 agreement (before → after)", "process peak RSS MB (teacher + student)",
@@ -223,6 +227,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    if neo_tuned.is_tuned(rows):
+        return neo_tuned.plot(rows, path)
     import matplotlib
 
     matplotlib.use("Agg")
