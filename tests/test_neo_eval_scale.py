@@ -1,4 +1,4 @@
-"""The NEO benchmark's fixed-eval scale, the unchanged configs of the recorded scales, and the training-phase
+"""The NEO benchmark's tuned scale, the unchanged configs of the recorded scales, and the training-phase
 peak column."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ def test_recorded_scales_keep_their_config_hashes():
         assert all("eval_seed" not in c and "validation_samples" not in c for c in configs)
 
 
-def test_fixed_eval_scale_shares_one_held_out_and_validation_draw(tmp_path):
-    configs = neo.arm_configs(SCALES["cpu-fixed-eval"], [0, 1, 2])
+def test_tuned_scale_shares_one_held_out_and_validation_draw(tmp_path):
+    scale = SCALES["cpu-tuned"]
+    configs = neo.sweep_configs(scale, 0) + neo.followup_configs(scale, [0, 1, 2], {a: 1e-3 for a in neo.MAIN_ARMS})
     assert {(c["eval_seed"], c["eval_samples"], c["validation_samples"]) for *_, c in configs} == {(1234, 128, 64)}
     assert len({c["train"]["seed"] for *_, c in configs}) == 3
     cfg = runner.distill_config(configs[0][2], tmp_path)
@@ -42,7 +43,7 @@ def _record(train_peak):
 
 
 def test_table_shows_the_training_phase_peak_and_na_for_older_rows():
-    scale = SCALES["cpu-fixed-eval"]
+    scale = SCALES["cpu"]
     rows = [neo.row("neo", s, _record(peak), scale) for s, peak in enumerate((100.0, 300.0))]
     assert rows[0]["train_peak_mb"] == 100.0 and rows[0]["val_ce_after"] == 2.5
     rows.append(neo.row("lora-ce", 0, _record(None), scale))

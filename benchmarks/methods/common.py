@@ -17,7 +17,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "results" / "methods"
 class Scale:
     """How big the runs are. ``cpu`` fits both experiments in about an hour and a half on 2 CPU cores;
     ``cpu-long`` is NEO at 5x the steps (run it with ``--arms`` for the main arms: ~8 minutes an arm on 2 cores);
-    ``gpu`` is for a lent GPU (longer sequences, more steps, bf16). ``tell_steps`` is the SFT arms' step count:
+    ``gpu`` is for a lent GPU (longer sequences, more steps, bf16). ``cpu-tuned`` / ``gpu-tuned`` are NEO's tuned
+    protocol (issue 15: a learning-rate sweep per arm chosen on a validation split, seeds at the chosen rate, one
+    fixed held-out set; :func:`benchmarks.methods.neo.run`). ``tell_steps`` is the SFT arms' step count:
     keep it close to the steps of one epoch of the TELL mix (the CSV records every arm's steps) so that the arms
     get the same compute."""
 
@@ -50,9 +52,6 @@ SCALES = {
                  tell_general_samples=104, bf16=False),
     "cpu-long": Scale("cpu-long", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25, tell_budgets=(8, 32, 128),
                       tell_general_samples=104, bf16=False),
-    "cpu-fixed-eval": Scale("cpu-fixed-eval", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25,
-                            tell_budgets=(8, 32, 128), tell_general_samples=104, bf16=False, neo_eval_seed=1234,
-                            neo_eval_samples=128, neo_validation_samples=64),
     # the tuned protocol on 2 CPU cores: 22 runs of 100 steps x 1024 tokens (about 8 minutes each at 2 threads)
     "cpu-tuned": Scale("cpu-tuned", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25,
                        tell_budgets=(8, 32, 128), tell_general_samples=104, bf16=False, neo_eval_seed=1234,
