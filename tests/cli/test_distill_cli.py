@@ -5,6 +5,7 @@ Runs on a tiny random teacher directory; the embedded SmolLM2 run is in test_dis
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -214,3 +215,16 @@ def test_threads_flag():
             apply_threads(-1)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("variant, switch", [("dora", ("use_dora", True)), ("pissa", ("init_lora_weights", "pissa")),
+                                             ("rslora", ("use_rslora", True))])
+def test_each_lora_variant_trains_end_to_end(tmp_path, tiny_model_dir, general_jsonl, variant, switch):
+    out = tmp_path / variant
+    assert main(distill_args(tiny_model_dir, general_jsonl, out, "--lora-variant", variant, "--max-steps", "2",
+                             "--eval-seed", "3", "--validation-samples", "4")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and not any(math.isnan(v) for v in summary["after"].values())
+    adapter = json.loads(next(out.rglob("adapter_config.json")).read_text())
+    assert adapter[switch[0]] == switch[1]
+    assert json.loads((out / "manifest.json").read_text())["config"]["lora"]["variant"] == variant
