@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
 
         def progress(what: str) -> None:
-            print(f"[{time.perf_counter() - t0:7.0f} s] {what}", flush=True)
+            sys.stdout.write(f"[{time.perf_counter() - t0:7.0f} s] {what}\n")  # one write: --jobs threads share it
+            sys.stdout.flush()
 
         def arm(recipe: str, config: dict, run_dir: Path) -> dict:
             return run_arm(recipe, config, run_dir, threads=args.threads)
