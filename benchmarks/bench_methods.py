@@ -6,7 +6,9 @@
 Slow (about two hours on 2 CPU cores at ``--scale cpu``), so ``tellneo bench`` without suite names skips it.
 Every arm runs in its own process through the public recipes; finished arms are reused, so an interrupted sweep
 resumes. Writes ``benchmarks/results/methods/{neo,tell}.csv``, ``.png`` and ``README.md``; the run directories
-(checkpoints, adapters, per-arm summaries and loss curves) go to ``--runs`` (default ``outputs/methods``).
+(checkpoints, adapters, per-arm summaries and loss curves) go to ``--runs`` (default ``outputs/methods``); each
+finished arm's record (config, summary, commit) is also kept under ``benchmarks/results/methods/records/``, so a
+sweep resumes from a fresh checkout.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
 
         def arm(recipe: str, config: dict, run_dir: Path) -> dict:
-            return run_arm(recipe, config, run_dir, threads=args.threads)
+            keep = RESULTS / "records" / results_name(run_dir.parent.name, scale) / f"{run_dir.name}.json"
+            return run_arm(recipe, config, run_dir, threads=args.threads, keep=keep)
 
         for name in args.only or list(EXPERIMENTS):
             module = EXPERIMENTS[name]

@@ -5,6 +5,7 @@ paired per-seed ones. The runs are faked: these tests check the protocol, not th
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -105,3 +106,27 @@ def test_the_report_gives_paired_t_intervals_and_reads_back_from_csv(tuned_rows,
     assert "| full-kd | 0.0003 | 5.000 | 6.500 | ✓ |" in text
     neo.plot(back, tmp_path / "neo.png")
     assert (tmp_path / "neo.png").stat().st_size > 10_000
+
+
+def test_a_kept_record_resumes_a_sweep_without_its_run_directory(tmp_path):
+    from tellneo.io import config_hash
+
+    config = neo.sweep_configs(SCALE, 0)[0][2]
+    keep = tmp_path / "records" / "lora-ce-s0.json"
+    keep.parent.mkdir()
+    keep.write_text(json.dumps({"config_hash": config_hash(config), "summary": {"kept": True}}))
+    assert runner.run_arm("neo", config, tmp_path / "absent", keep=keep)["summary"] == {"kept": True}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    keep.write_text(json.dumps({"config_hash": "stale"}))
+    (run_dir / "arm.json").write_text(json.dumps({"config_hash": config_hash(config), "summary": {"ran": 1}}))
+    assert runner.run_arm("neo", config, run_dir, keep=keep)["summary"] == {"ran": 1}
+    assert json.loads(keep.read_text())["summary"] == {"ran": 1}  # the run directory's record is kept too
+
+
+def test_every_saved_follow_up_row_is_marked_at_the_chosen_rate():
+    snapshots: list = []
+    neo.run(SCALE, [0, 1], Path("/nonexistent"), _fake_run_arm([]), lambda _: None,
+            save=lambda r: snapshots.append([dict(x) for x in r]))
+    followups = [r for snap in snapshots for r in snap if r["seed"] == 1]
+    assert followups and all(r["tuned_lr"] is True for r in followups)

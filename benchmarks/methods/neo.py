@@ -154,7 +154,7 @@ def run(scale: Scale, seeds: Sequence[int], root: Path, run_arm: Callable[..., d
     chosen rate's runs)."""
     rows: list[dict[str, Any]] = []
 
-    def run_all(runs: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    def run_all(runs: list[tuple[str, int, dict[str, Any]]], tuned: bool | None = None) -> list[dict[str, Any]]:
         runs = [r for r in runs if not arms or r[0] in arms]
 
         def one(item: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
@@ -163,7 +163,10 @@ def run(scale: Scale, seeds: Sequence[int], root: Path, run_arm: Callable[..., d
             progress(f"neo {arm} seed {seed} lr {lr:g}: started")
             record = run_arm("neo", config, run_dir_for("neo", f"{arm}-s{seed}", config, root))  # scale in hash
             progress(f"neo {arm} seed {seed} lr {lr:g}: done in {record['wall_s']:.0f} s")
-            return row(arm, seed, record, scale)
+            out = row(arm, seed, record, scale)
+            if tuned is not None:  # known before the save: follow-up runs are at the chosen rate by construction
+                out["tuned_lr"] = tuned
+            return out
 
         done: list[dict[str, Any]] = []
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads only wait on child processes
@@ -181,10 +184,7 @@ def run(scale: Scale, seeds: Sequence[int], root: Path, run_arm: Callable[..., d
     progress("chosen on validation CE: " + ", ".join(f"{arm} {lr:g}" for arm, lr in best.items()))
     for r in rows:
         r["tuned_lr"] = r["learning_rate"] == best[r["arm"]]
-    followup = run_all(followup_configs(scale, seeds, best))
-    for r in followup:
-        r["tuned_lr"] = True
-    rows += followup
+    rows += run_all(followup_configs(scale, seeds, best), tuned=True)
     if save:
         save(rows)
     return rows

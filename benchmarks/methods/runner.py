@@ -94,18 +94,30 @@ def child_main(argv: list[str]) -> int:
     return 0
 
 
+def _finished(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("config_hash") == config_hash(config):
+            return record
+    return None
+
+
 def run_arm(recipe: str, config: dict[str, Any], run_dir: Path, *, log: Path | None = None,
-            threads: int | None = None) -> dict[str, Any]:
+            threads: int | None = None, keep: Path | None = None) -> dict[str, Any]:
     """Run one arm in a child process (or reuse its finished ``arm.json``); returns the arm record.
 
+    ``keep``: a second home for the record (a JSON file; the driver puts it beside the committed CSVs), checked
+    first and written after the run, so a sweep resumes on a fresh checkout without the ignored run directories.
     Raises RuntimeError naming the log file when the child fails.
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     done = run_dir / "arm.json"
-    if done.is_file():
-        record = json.loads(done.read_text())
-        if record.get("config_hash") == config_hash(config):
+    for path in ([keep] if keep else []) + [done]:
+        record = _finished(path, config)
+        if record is not None:
+            if keep and path != keep:
+                atomic_write_text(keep, json.dumps(record, indent=2))
             return record
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "arm_config.json"
@@ -119,7 +131,10 @@ def run_arm(recipe: str, config: dict[str, Any], run_dir: Path, *, log: Path | N
                                str(run_dir)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not done.is_file():
         raise RuntimeError(f"arm {run_dir.name} failed (exit {proc.returncode}); see {log}")
-    return json.loads(done.read_text())
+    record = json.loads(done.read_text())
+    if keep:
+        atomic_write_text(keep, json.dumps(record, indent=2))
+    return record
 
 
 if __name__ == "__main__":
