@@ -48,26 +48,24 @@ def _arm_config(scale: Scale, seed: int, *, mode: str, alpha: float, lr: float, 
     return fields
 
 
+def _main_arm_config(scale: Scale, arm: str, seed: int, lr: float) -> dict[str, Any]:
+    mode, alpha = _ARM_SETTINGS[arm]
+    return _arm_config(scale, seed, mode=mode, alpha=alpha, lr=lr)
+
+
 def arm_configs(scale: Scale, seeds: Sequence[int]) -> list[tuple[str, int, dict[str, Any]]]:
     """``(arm, seed, arm settings)`` for every run of a scale without a learning-rate grid: the four arms
     (lora-ce and neo at every seed, the full-parameter arms at the first seed, each at its fixed rate) and the
     sensitivity runs (rank 8/64, KD weight 0.9, first seed). Tuned scales: :func:`sweep_configs`."""
     if scale.neo_lora_lrs:
         raise ValueError(f"scale {scale.name!r} tunes the learning rate: use sweep_configs / followup_configs")
-
-    def config(seed: int, *, mode: str, alpha: float, rank: int = 16, lr: float) -> dict[str, Any]:
-        return _arm_config(scale, seed, mode=mode, alpha=alpha, rank=rank, lr=lr)
-
-    runs = []
-    for seed in seeds:
-        runs.append(("lora-ce", seed, config(seed, mode="lora", alpha=0.0, lr=LORA_LR)))
-        runs.append(("neo", seed, config(seed, mode="lora", alpha=0.5, lr=LORA_LR)))
     first = seeds[0]
-    runs.append(("full-kd", first, config(first, mode="full", alpha=0.5, lr=FULL_LR)))
-    runs.append(("full-ce", first, config(first, mode="full", alpha=0.0, lr=FULL_LR)))
-    runs.append(("neo-r8", first, config(first, mode="lora", alpha=0.5, rank=8, lr=LORA_LR)))
-    runs.append(("neo-r64", first, config(first, mode="lora", alpha=0.5, rank=64, lr=LORA_LR)))
-    runs.append(("neo-a0.9", first, config(first, mode="lora", alpha=0.9, lr=LORA_LR)))
+    runs = [(arm, seed, _main_arm_config(scale, arm, seed, LORA_LR))
+            for seed in seeds for arm in ("lora-ce", "neo")]
+    runs += [(arm, first, _main_arm_config(scale, arm, first, FULL_LR)) for arm in ("full-kd", "full-ce")]
+    runs.append(("neo-r8", first, _arm_config(scale, first, mode="lora", alpha=0.5, rank=8, lr=LORA_LR)))
+    runs.append(("neo-r64", first, _arm_config(scale, first, mode="lora", alpha=0.5, rank=64, lr=LORA_LR)))
+    runs.append(("neo-a0.9", first, _arm_config(scale, first, mode="lora", alpha=0.9, lr=LORA_LR)))
     return runs
 
 
@@ -78,16 +76,14 @@ def learning_rates(scale: Scale, arm: str) -> tuple[float, ...]:
 
 def sweep_configs(scale: Scale, seed: int) -> list[tuple[str, int, dict[str, Any]]]:
     """Phase 1 of a tuned scale: every main arm at every rate of its grid, at ``seed``."""
-    return [(arm, seed, _arm_config(scale, seed, mode=_ARM_SETTINGS[arm][0], alpha=_ARM_SETTINGS[arm][1], lr=lr))
-            for arm in MAIN_ARMS for lr in learning_rates(scale, arm)]
+    return [(arm, seed, _main_arm_config(scale, arm, seed, lr)) for arm in MAIN_ARMS for lr in learning_rates(scale, arm)]
 
 
 def followup_configs(scale: Scale, seeds: Sequence[int], best_lr: dict[str, float]
                      ) -> list[tuple[str, int, dict[str, Any]]]:
     """Phase 2 of a tuned scale: the main arms at ``seeds[1:]`` at their chosen rate (seeds[0] ran in the sweep),
     then NEO's sensitivity rows at seeds[0] and NEO's rate: ``neo-<variant>``, ``neo-r<rank>``, ``neo-a<weight>``."""
-    runs = [(arm, seed, _arm_config(scale, seed, mode=_ARM_SETTINGS[arm][0], alpha=_ARM_SETTINGS[arm][1],
-                                    lr=best_lr[arm]))
+    runs = [(arm, seed, _main_arm_config(scale, arm, seed, best_lr[arm]))
             for seed in seeds[1:] for arm in MAIN_ARMS if arm in best_lr]
     if "neo" in best_lr:
         first, lr = seeds[0], best_lr["neo"]
