@@ -55,7 +55,7 @@ def tuned_rows():
 def test_the_sweep_chooses_on_validation_ce_and_the_seeds_run_at_the_choice(tuned_rows):
     rows, calls, saved = tuned_rows
     sweep = [r for r in rows if r["seed"] == 0 and r["arm"] in neo.MAIN_ARMS]
-    assert len(sweep) == 10  # LoRA arms x 2 rates + full arms x 3 rates
+    assert len(sweep) == 14  # LoRA arms x 3 rates + full arms x 4 rates
     assert neo.choose_learning_rates(sweep) == BEST
     for arm, lr in BEST.items():
         chosen = neo_tuned.main_rows(rows, arm)
@@ -63,7 +63,7 @@ def test_the_sweep_chooses_on_validation_ce_and_the_seeds_run_at_the_choice(tune
         assert {r["learning_rate"] for r in chosen} == {lr}
     unchosen = [r for r in sweep if r["learning_rate"] != BEST[r["arm"]]]
     assert unchosen and not any(r["tuned_lr"] for r in unchosen)
-    assert len(rows) == len(calls) == 22 and saved[-1] == 22 and saved == sorted(saved)
+    assert len(rows) == len(calls) == 26 and saved[-1] == 26 and saved == sorted(saved)
 
 
 def test_sensitivity_rows_run_at_neos_rate_and_the_variant_reaches_peft(tuned_rows, tmp_path):

@@ -52,17 +52,18 @@ SCALES = {
                  tell_general_samples=104, bf16=False),
     "cpu-long": Scale("cpu-long", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25, tell_budgets=(8, 32, 128),
                       tell_general_samples=104, bf16=False),
-    # the tuned protocol on 2 CPU cores: 22 runs of 100 steps x 1024 tokens (about 8 minutes each at 2 threads)
+    # the tuned protocol on 2 CPU cores: 26 runs of 100 steps x 1024 tokens (15-25 minutes each at 1 thread, two side
+    # by side); the grids reach one rate above the best of the first sweep, where every arm chose its top rate
     "cpu-tuned": Scale("cpu-tuned", seq_len=256, batch_size=4, neo_steps=100, tell_steps=25,
                        tell_budgets=(8, 32, 128), tell_general_samples=104, bf16=False, neo_eval_seed=1234,
-                       neo_eval_samples=128, neo_validation_samples=64, neo_lora_lrs=(1e-3, 3e-3),
-                       neo_full_lrs=(1e-4, 3e-4, 1e-3), neo_variants=("rslora", "dora", "pissa"), neo_ranks=(64,)),
+                       neo_eval_samples=128, neo_validation_samples=64, neo_lora_lrs=(1e-3, 3e-3, 1e-2),
+                       neo_full_lrs=(1e-4, 3e-4, 1e-3, 3e-3), neo_variants=("rslora", "dora", "pissa"), neo_ranks=(64,)),
     # the same protocol for a lent GPU (defined, not yet run): 1,000 steps x 8k tokens, 3 seeds, ranks 16/64/128,
     # KD weights 0.5/0.9
     "gpu-tuned": Scale("gpu-tuned", seq_len=1024, batch_size=8, neo_steps=1000, tell_steps=200,
                        tell_budgets=(16, 64, 256, 1024), tell_general_samples=2400, bf16=True, neo_eval_seed=1234,
-                       neo_eval_samples=512, neo_validation_samples=256, neo_lora_lrs=(3e-4, 1e-3, 3e-3),
-                       neo_full_lrs=(3e-5, 1e-4, 3e-4), neo_variants=("rslora", "dora", "pissa"),
+                       neo_eval_samples=512, neo_validation_samples=256, neo_lora_lrs=(3e-4, 1e-3, 3e-3, 1e-2),
+                       neo_full_lrs=(3e-5, 1e-4, 3e-4, 1e-3), neo_variants=("rslora", "dora", "pissa"),
                        neo_ranks=(64, 128), neo_kd_weights=(0.9,), neo_max_samples=None),
     "gpu": Scale("gpu", seq_len=1024, batch_size=8, neo_steps=400, tell_steps=200, tell_budgets=(16, 64, 256, 1024),
                  tell_general_samples=2400, bf16=True),
