@@ -55,6 +55,10 @@ def tell_config(config: dict[str, Any], run_dir: Path) -> Any:
     fields = dict(config)
     train = TrainSettings(**fields.pop("train"))
     lora = LoraSettings(r=fields.pop("lora_r"), alpha=fields.pop("lora_alpha"), dropout=fields.pop("lora_dropout"))
+    if "exposures" not in fields:  # an arm of the compute-matched experiment: the recipe's former defaults
+        fields.update(exposures=None, general=fields.get("general"), task_ratio=fields.get("task_ratio", 0.5))
+    if isinstance(fields.get("exposures"), list):
+        fields["exposures"] = tuple(fields["exposures"])
     return TellConfig(**fields, lora=lora, train=train, output_dir=str(run_dir))
 
 
@@ -72,12 +76,17 @@ def _neo(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
 
 def _tell(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
     from tellneo.recipes.records import general_records
-    from tellneo.recipes.tell import run_tell, task_data
+    from tellneo.recipes.tell import dev_pairs, run_tell, task_data
 
     cfg = tell_config(config, run_dir)
     train, test, _, _, _ = task_data(cfg)
-    general = general_records(cfg.general, cfg.general_samples)[0] if cfg.method == "tell" else []
-    return run_tell(cfg, resume=True, progress=False), _records_hash(train, test, general)
+    if cfg.exposures is None:  # the former mix: its first G general records (the recorded hashes)
+        general = general_records(cfg.general, cfg.general_samples)[0] if cfg.method == "tell" else []
+        return run_tell(cfg, resume=True, progress=False), _records_hash(train, test, general)
+    # the counted mix draws from the whole pool: its description (with the pool's fingerprint) names it
+    general = [{"source": general_records(cfg.general)[1]}] if cfg.method == "tell" else []
+    dev = dev_pairs(cfg) if cfg.selecting else []
+    return run_tell(cfg, resume=True, progress=False), _records_hash(train, test, dev, general)
 
 
 def child_main(argv: list[str]) -> int:

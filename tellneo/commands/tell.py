@@ -28,17 +28,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tell",
         help="TELL: learn a task from few samples (anchor prompt + shuffle into general data); accuracy before/after",
-        description="Token-Efficient Leverage Learning. The task samples get an anchor prompt in front and are "
-                    "spread evenly through a stream of general instruction data (TELL's extensive shuffle), packed "
-                    "in that order and trained with LoRA (or all weights) and tellneo's fused CE loss. Exact-match "
-                    "accuracy of greedy answers on a held-out test split is measured before and after. With no "
-                    "arguments: the embedded SmolLM2-135M-Instruct, the generated date_iso task (English dates -> "
-                    "YYYY-MM-DD; 32 training samples, 40 held-out test prompts) and 48 general pairs from Python's "
-                    "documentation, one epoch at a 1:1 task ratio (a demo sized for a few minutes on 2 CPU cores; "
-                    "TELL proper uses far more general data: give --exposures k and --general-per-task r, and each "
-                    "task sample is shown k times among N*k*r general samples drawn at random from the pool). "
-                    "--method sft trains on the task samples alone (the baseline); --no-anchor and --spread "
-                    "end/random are TELL's ablations.",
+        description="Token-Efficient Leverage Learning (arXiv 2404.00914). Each of the N task samples gets an "
+                    "anchor prompt in front and is shown k times (--exposures, default 8), spread evenly through a "
+                    "much larger stream of general instruction data (TELL's extensive shuffle): r general samples "
+                    "per task occurrence (--general-per-task, default 4), drawn at random from the whole --general "
+                    "pool (default: mixed, ~53k Python-docs + synthetic pairs). The mix is packed in that order and "
+                    "trained with LoRA (or all weights) and tellneo's fused CE loss; greedy answers to held-out test "
+                    "prompts are scored before and after (exact match, plus JSON validity and per-field accuracy "
+                    "for json_record). --method sft is the baseline: k passes over the task samples alone; "
+                    "--exposures 4 8 16 32 with it picks the pass count on the task's dev split. --with-anchor "
+                    "gives SFT the anchor; --no-anchor, --neutral-anchor and --spread end/random are TELL's "
+                    "ablations. --exposures 0 is the former compute-matched mix (the first --general-samples "
+                    "records once each, task slots by --task-ratio). With no arguments: the embedded "
+                    "SmolLM2-135M-Instruct on the generated date_iso task (32 samples, 40 test prompts).",
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
@@ -62,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     anchor.add_argument("--anchor", help="anchor prompt text (default: the generated task's anchor prompt)")
     anchor.add_argument("--anchor-file", type=Path, help="read the anchor prompt from this file")
     anchor.add_argument("--no-anchor", action="store_true", help="no anchor prompt (ablation)")
+    g.add_argument("--with-anchor", action="store_true",
+                   help="--method sft: put the task's anchor prompt in front of every train and test prompt (the "
+                        "SFT+anchor baseline; TELL always has it unless --no-anchor)")
+    g.add_argument("--neutral-anchor", action="store_true",
+                   help="replace the anchor by a fixed neutral text of the same length with no task words or "
+                        "instructions (ablation: the anchor as a marker rather than an instruction)")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="greedy tokens generated per test prompt (default: the task's own: date_iso 16, "
                         "json_record 64; 16 for --task-file)")
@@ -71,21 +79,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--method", default="tell", choices=TELL_METHODS,
                    help="tell: task samples mixed into general data; sft: task samples alone (baseline; no anchor "
                         "unless --anchor/--anchor-file is given)")
-    g.add_argument("--general", type=Path, help="general instruction data: a name (python-docs, synthetic, mixed) or "
-                                                "a jsonl, parquet, arrow or datasets save_to_disk path (default: "
-                                                "python-docs, pairs from Python's documentation)")
-    g.add_argument("--general-samples", type=int, default=48, help="general records used (0 = all)")
-    g.add_argument("--task-ratio", type=float, default=0.5, help="fraction of the mixed samples that are task "
-                                                                  "samples (they repeat as needed); the other "
-                                                                  "spelling of --general-per-task r: 1/(1+r)")
-    g.add_argument("--exposures", type=int, default=None,
-                   help="k: times each task sample is shown in the epoch of the mix; the mix then holds exactly "
-                        "N*k task samples and N*k*r general samples drawn at random (seeded by --seed) from the "
-                        "whole --general pool, --general-samples unused (default: unset, the ratio mix above, "
-                        "where the first --general-samples records cap the task samples shown)")
+    g.add_argument("--general", default="mixed",
+                   help="general instruction data: a name (python-docs: 3,072 pairs from Python's documentation, "
+                        "PSF license; synthetic: 50,000 generated instruction/answer pairs; mixed: both) or a jsonl, "
+                        "parquet, arrow or datasets save_to_disk path")
+    g.add_argument("--exposures", type=int, nargs="+", default=[8], metavar="K",
+                   help="k: times each task sample is shown. TELL: the mix holds exactly N*k task samples and "
+                        "N*k*r general samples drawn at random (seeded by --seed) from the whole --general pool; "
+                        "SFT: k passes over the task samples. Several values (SFT only), e.g. 4 8 16 32: one run "
+                        "of the largest, scored on --dev-samples dev prompts after each, the best kept. 0: the "
+                        "former mix (the first --general-samples records; SFT: --epochs)")
     g.add_argument("--general-per-task", type=float, default=None,
-                   help="r: general samples per task occurrence (default: from --task-ratio, 1 at 0.5; the "
-                        "paper's general >> task wants r >= 4); refused if it disagrees with a --task-ratio given")
+                   help="r: general samples per task occurrence (default 4 unless --task-ratio is given; the "
+                        "paper's general >> task wants r >= 4); refused if it disagrees with --task-ratio")
+    g.add_argument("--task-ratio", type=float, default=None,
+                   help="the other spelling of r: fraction of the mixed samples that are task samples, 1/(1+r)")
+    g.add_argument("--general-samples", type=int, default=48,
+                   help="--exposures 0 only: the first G general records used (0 = all)")
+    g.add_argument("--dev-samples", type=int, default=50,
+                   help="dev prompts (the task's dev split, disjoint from train and test) scored at each pass "
+                        "count of several --exposures")
     g.add_argument("--general-reuse", action=argparse.BooleanOptionalAction, default=True,
                    help="with --exposures, when the pool has fewer than N*k*r samples that fit --seq-len: reuse "
                         "them (one log line; counted as general_reused in summary.json), or with "
@@ -106,7 +119,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _manifest_flags(config: dict) -> dict:
     """Manifest entries whose flag differs in name or meaning (see :mod:`tellneo.commands._config`): the ``lora``
     block (or the former flat ``fused_lora``), ``use_anchor``."""
-    flags = {**lora_flags(config), "no_anchor": config.pop("use_anchor", None) is False}
+    use_anchor = config.pop("use_anchor", None)
+    flags = {**lora_flags(config), "no_anchor": use_anchor is False, "with_anchor": use_anchor is True}
+    exposures = config.pop("exposures", None)  # absent: a manifest of the former mix
+    flags["exposures"] = [0] if exposures is None else exposures if isinstance(exposures, list) else [exposures]
     if "fused_lora" in config:  # manifests written before the settings were composed
         flags["no_fused_lora"] = not config.pop("fused_lora")
     if "general_samples" in config:
@@ -124,7 +140,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
     anchor = args.anchor
     if args.anchor_file is not None:
         anchor = read_text(args.anchor_file, "--anchor-file")
-    use_anchor = False if args.no_anchor else (True if anchor is not None else None)
+    if args.no_anchor and args.with_anchor:
+        raise RecipeError("--no-anchor and --with-anchor contradict each other: give one")
+    use_anchor = False if args.no_anchor else (True if anchor is not None or args.with_anchor else None)
+    exposures: Any = [int(k) for k in args.exposures]
+    if 0 in exposures and len(exposures) > 1:
+        raise RecipeError(f"--exposures 0 (the former mix) cannot be combined with other values, got {exposures}")
+    exposures = None if exposures == [0] else exposures[0] if len(exposures) == 1 else tuple(exposures)
     try:
         lora = LoraSettings().replace(**lora_changes(args))
     except ValueError as exc:
@@ -134,8 +156,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
         task_file=str(args.task_file) if args.task_file else None,
         test_file=str(args.test_file) if args.test_file else None, task_samples=args.task_samples,
         test_samples=args.test_samples, method=args.method, use_anchor=use_anchor, anchor=anchor,
-        spread=args.spread, task_ratio=args.task_ratio, exposures=args.exposures,
-        general_per_task=args.general_per_task, general_reuse=args.general_reuse, general=str(args.general) if args.general else None,
+        spread=args.spread, task_ratio=args.task_ratio, exposures=exposures, general_per_task=args.general_per_task,
+        general_reuse=args.general_reuse, general=str(args.general) if args.general else None,
+        dev_samples=args.dev_samples, neutral_anchor=args.neutral_anchor,
         general_samples=args.general_samples or None, seq_len=args.seq_len, window=args.window,
         mode=args.mode, lora=lora, max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
         **save_options(args), output_dir=str(args.output_dir), train=train_settings(args),

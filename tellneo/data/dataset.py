@@ -38,6 +38,10 @@ class PackedDataset(torch.utils.data.Dataset):
             order (TELL: the mixer already spread the task samples; pair it with ``window``).
         pad_id: padding token id (a non-negative int, below ``vocab_size`` when that is given).
         vocab_size: optional; checks ``pad_id`` against it.
+        fill_batches: optional; every epoch's row count is rounded up to a multiple of it with *filler rows*
+            (a copy of the epoch's first row with every label -100: no loss, no gradient), so that a trainer that
+            drops a partial last batch of ``fill_batches`` rows drops no sample (TELL's exposure counting). The
+            filler rows come last; ``num_rows`` is the packed rows without them.
 
     Item ``i`` is row ``i`` of the current epoch as a dict of 1-D tensors ``input_ids``, ``labels``,
     ``position_ids`` (int64, ``[seq_len]``) and ``num_tokens`` (the real tokens before the row's padding).
@@ -57,11 +61,16 @@ class PackedDataset(torch.utils.data.Dataset):
         epoch: int = 0,
         backend: str = "auto",
         vocab_size: int | None = None,
+        fill_batches: int | None = None,
     ) -> None:
         if not isinstance(source, TokenStore) and not callable(source):
             raise TypeError("source must be a TokenStore or a function epoch -> TokenStore")
         if isinstance(source, TokenStore) and len(source) == 0:
             raise ValueError("source is empty: PackedDataset needs at least one sample")
+        if fill_batches is not None and (isinstance(fill_batches, bool) or not isinstance(fill_batches, int)
+                                         or fill_batches <= 0):
+            raise ValueError(f"fill_batches must be a positive int or None, got {fill_batches!r}")
+        self.fill_batches = fill_batches
         self.source = source
         self.seq_len = seq_len
         self.strategy = strategy
@@ -123,8 +132,14 @@ class PackedDataset(torch.utils.data.Dataset):
         """``[num_rows]``: item i of this epoch is plan row ``row_order[i]``."""
         return self._cache[2]
 
-    def __len__(self) -> int:
+    @property
+    def num_rows(self) -> int:
+        """Packed rows of this epoch, filler rows (``fill_batches``) not counted."""
         return self.plan.num_rows
+
+    def __len__(self) -> int:
+        rows = self.plan.num_rows
+        return rows if self.fill_batches is None else -(-rows // self.fill_batches) * self.fill_batches
 
     # ------------------------------------------------------------------ access
     def batch(self, indices: Sequence[int] | np.ndarray, *, layout: str = "rows",
@@ -135,19 +150,32 @@ class PackedDataset(torch.utils.data.Dataset):
         if idx.size and (idx.dtype.kind not in "iu" or idx.ndim != 1):
             raise TypeError(f"row indices must be a 1-D sequence of ints, got dtype {idx.dtype}, shape {idx.shape}")
         idx = idx.astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(order)):
-            bad = int(idx[(idx < 0) | (idx >= len(order))][0])
-            raise IndexError(f"row index {bad} is out of range: epoch {self.epoch} has {len(order)} rows "
-                             f"(indices 0..{len(order) - 1})")
-        return emit_rows(store, p, order[idx], layout=layout, pad_id=self.pad_id, backend=self.backend,
-                         device=device)
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise IndexError(f"row index {bad} is out of range: epoch {self.epoch} has {n} rows "
+                             f"(indices 0..{n - 1})")
+        filler = idx >= len(order)
+        if not filler.any():
+            return emit_rows(store, p, order[idx], layout=layout, pad_id=self.pad_id, backend=self.backend,
+                             device=device)
+        if layout != "rows":  # a filler row carries no label: leaving it out of a flat batch changes nothing
+            return emit_rows(store, p, order[idx[~filler]], layout=layout, pad_id=self.pad_id,
+                             backend=self.backend, device=device)
+        out = emit_rows(store, p, np.where(filler, order[0], order[np.minimum(idx, len(order) - 1)]),
+                        layout=layout, pad_id=self.pad_id, backend=self.backend, device=device)
+        out["labels"][torch.from_numpy(filler).to(out["labels"].device)] = IGNORE_INDEX
+        return out
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         out = self.batch(indices)
-        used = torch.from_numpy(self.plan.row_lengths()[self._cache[2][np.asarray(indices, dtype=np.int64)]])
+        order = self._cache[2]
+        idx = np.asarray(indices, dtype=np.int64)
+        used = torch.from_numpy(self.plan.row_lengths()[np.where(idx < len(order), order[np.minimum(
+            idx, len(order) - 1)], order[0])])
         return [
             {"input_ids": out["input_ids"][k], "labels": out["labels"][k], "position_ids": out["position_ids"][k],
              "num_tokens": used[k]}

@@ -255,6 +255,30 @@ def build_anchor_prompt(
     return "\n\n".join(parts) + "\n\n"
 
 
+#: The neutral anchor's text, repeated: a fixed English passage with no instruction, no task word and no format
+#: hint (TELL's "marker, not instruction" ablation). Plain facts about weather, so it primes nothing a task uses.
+NEUTRAL_ANCHOR_PASSAGE = ("The morning was grey and quiet. Rain had fallen in the night, and the streets were still "
+                          "wet. A few birds sang in the trees by the river, and a small boat drifted past the old "
+                          "stone bridge. Later the clouds thinned and the sun came out over the hills. ")
+
+
+def neutral_anchor_text(length: int) -> str:
+    """A fixed, innocuous text of exactly ``length`` characters (:data:`NEUTRAL_ANCHOR_PASSAGE` repeated, cut at a
+    word boundary and padded with spaces, ending in a blank line like the task anchors): the same place and
+    about the same size as a task's anchor prompt, without its instructions. ValueError for ``length < 0``."""
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise ValueError(f"length must be a non-negative int, got {length!r}")
+    length = int(length)
+    if length == 0:
+        return ""
+    body = length - 2 if length > 2 else length
+    text = (NEUTRAL_ANCHOR_PASSAGE * (body // len(NEUTRAL_ANCHOR_PASSAGE) + 1))[:body]
+    if " " in text and not text.endswith(" "):
+        text = text[: text.rfind(" ")]
+    text = text.rstrip().ljust(body)
+    return text + "\n\n"[: length - body]
+
+
 def anchor_token_ids(text: str, tokenizer: Any) -> list[int]:
     """Token ids of an anchor prompt (no special tokens added)."""
     if not text:

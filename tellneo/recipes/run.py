@@ -6,8 +6,8 @@ write the summary; the interrupt and error protocol of :mod:`tellneo.recipes.tra
 A recipe supplies its own parts as a :class:`RecipeRun` subclass; :func:`run_recipe` calls them in this order::
 
     check_models -> prepare (inside the "preparing" stage bar) -> [run directory opened] -> after_open ->
-    evaluate("before") -> trainable_model (after set_seed) -> train -> plot -> evaluate("after") -> plot ->
-    save -> summary
+    evaluate("before") -> trainable_model (after set_seed) -> callbacks -> train -> plot -> after_train ->
+    evaluate("after") -> plot -> save -> summary
 """
 
 from __future__ import annotations
@@ -85,6 +85,14 @@ class RecipeRun(ABC):
     @abstractmethod
     def trainable_model(self) -> Any:
         """The model to train (LoRA attached, or every weight trainable); called after ``set_seed``."""
+
+    def callbacks(self) -> list[Any]:
+        """Extra ``TrainerCallback`` s for the trainer (e.g. a dev-split selection); default none."""
+        return []
+
+    def after_train(self, model: Any) -> None:
+        """Work on the trained model before it is evaluated and saved (e.g. restoring a selected checkpoint);
+        not called when training was interrupted."""
 
     @abstractmethod
     def trainer_inputs(self) -> tuple[Any, Any]:
@@ -166,7 +174,8 @@ def _run(recipe: RecipeRun, *, resume: bool, overwrite: bool, progress: bool, re
     trainable, total = count_parameters(model)
     train_dataset, collator = recipe.trainer_inputs()
     trainer = KDTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                        teacher=recipe.teacher, kd=recipe.kd, callbacks=[MetricsJsonlCallback(out / METRICS)])
+                        teacher=recipe.teacher, kd=recipe.kd,
+                        callbacks=[MetricsJsonlCallback(out / METRICS), *recipe.callbacks()])
     t0 = time.perf_counter()
     train_output, interrupted = run_training(trainer, resume_from)
     timings["train_s"] = time.perf_counter() - t0
@@ -177,6 +186,7 @@ def _run(recipe: RecipeRun, *, resume: bool, overwrite: bool, progress: bool, re
         raise KeyboardInterrupt(f"training interrupted at step {trainer.state.global_step}; a checkpoint is in "
                                 f"{out / CHECKPOINTS}: rerun with --resume to continue")
 
+    recipe.after_train(model)
     t0 = time.perf_counter()
     after = recipe.evaluate(model, "after")
     timings["eval_after_s"] = time.perf_counter() - t0

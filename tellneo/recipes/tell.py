@@ -44,6 +44,9 @@ __all__ = ["METHODS", "SPREADS", "TellConfig", "build_tell_dataset", "draw_gener
            "task_exposure"]
 
 FILE_TASK_NEW_TOKENS = 16  # answer budget for --task-file tasks without --max-new-tokens
+DEFAULT_EXPOSURES = 8  # k: times each task sample is shown
+DEFAULT_GENERAL_PER_TASK = 4.0  # r: general samples per task occurrence (the paper's general >> task)
+_SFT_PASS = 31  # rng stream purpose of SFT's per-pass shuffles
 METHODS = TELL_METHODS
 SPREADS = TELL_SPREADS
 
@@ -68,17 +71,30 @@ class TellConfig:
     epochs) are :data:`tellneo.recipes.settings.TELL_TRAIN_DEFAULTS` (:meth:`resolve`). The former flat keywords
     (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``fused_lora``) are still accepted, with a DeprecationWarning.
 
-    Exposure counting (``method="tell"``): ``exposures`` (k) is how many times each task sample is shown in one
-    epoch of the mix, ``general_per_task`` (r) how many general samples go with each task occurrence (the other
-    spelling of ``task_ratio``: ``task_ratio = 1 / (1 + r)``; both given and inconsistent is refused; with ``r``
-    given, a ``task_ratio`` left at its default 0.5 is taken as unset). With k given, the mix holds exactly
-    ``N * k`` task samples and ``round(N * k * r)`` general samples drawn at random (seeded by ``train.seed``)
-    from the whole general pool (``general_samples`` is not used); a pool too small (after the ``seq_len``
-    filter) is reused, said in one log line and counted as ``general_reused``, or refused with
-    ``general_reuse=False``. With k unset (the default) the run is today's: the first ``general_samples``
-    records, each shown once, and ``round(G * task_ratio / (1 - task_ratio))`` task slots; the issue-14 defaults
-    (r >= 4, k set) are *not* adopted as defaults here because recorded manifests and hashes rely on these, and
-    the manifest holds the three new fields only when k or r is given.
+    The defaults are the paper's method: each of the N task samples is shown ``exposures`` (k, default
+    :data:`DEFAULT_EXPOSURES`) times, with ``general_per_task`` (r, default :data:`DEFAULT_GENERAL_PER_TASK`)
+    general samples per task occurrence drawn at random (seeded by ``train.seed``) from the whole ``general``
+    pool (default ``"mixed"``: Python-docs + synthetic pairs, ~53k). The mix holds exactly ``N * k`` task
+    samples and ``round(N * k * r)`` general samples; the run lasts one epoch of it, its last optimizer step
+    completed with the first rows of the next epoch when the rows do not fill whole global batches (those extra
+    samples are counted in the summary, never dropped). A pool too small (after the ``seq_len`` filter) is
+    reused, said in one log line and counted as ``general_reused``, or refused with ``general_reuse=False``.
+    ``task_ratio`` is the other spelling of r (``task_ratio = 1 / (1 + r)``); both given and inconsistent is
+    refused.
+
+    ``method="sft"``: the task samples alone, ``exposures`` passes over them (each pass a fresh seeded shuffle,
+    packed pass by pass). ``exposures`` as a tuple (SFT only), e.g. ``(4, 8, 16, 32)``: one run of
+    ``max(exposures)`` passes, scored on ``dev_samples`` dev prompts (the task's dev split, disjoint from train
+    and test) after each listed pass count; the best dev accuracy's checkpoint is kept and is what the test
+    scores and the saved adapter are (pair it with a constant learning rate).
+
+    ``neutral_anchor``: replace the anchor by :func:`tellneo.data.tell.neutral_anchor_text` of the same length
+    (a marker without instructions; ablation).
+
+    ``exposures=None`` is the former, compute-matched mix: the first ``general_samples`` records, each shown
+    once, and ``round(G * task_ratio / (1 - task_ratio))`` task slots (SFT: ``train.epochs`` / ``max_steps``).
+    The benchmarks' recorded arms use it; their manifests and hashes are unchanged because new fields at their
+    defaults are left out of a manifest with ``exposures=None``.
     """
 
     model: str | None = None  # GGUF file or HF directory; None = the embedded SmolLM2-135M-Instruct
@@ -91,12 +107,14 @@ class TellConfig:
     use_anchor: bool | None = None  # default: True for tell, False for sft
     anchor: str | None = None  # anchor text; None = the generated task's anchor prompt
     spread: str = "stratified"
-    task_ratio: float = 0.5  # fraction of the mixed samples that are task samples (tell)
-    general: str | None = None  # general data jsonl; None = pairs from Python's documentation
-    general_samples: int | None = 48
-    exposures: int | None = None  # k: times each task sample is shown per epoch (None: today's ratio mix)
-    general_per_task: float | None = None  # r: general samples per task occurrence (task_ratio = 1 / (1 + r))
-    general_reuse: bool = True  # with k: reuse general samples when the pool is too small (False: refuse)
+    task_ratio: float | None = None  # fraction of the mixed samples that are task samples: 1 / (1 + r)
+    general: str | None = "mixed"  # a named pool (tellneo.data.general) or a data file; None = python-docs
+    general_samples: int | None = 48  # exposures=None only: the first G general records
+    exposures: int | tuple[int, ...] | None = DEFAULT_EXPOSURES  # k; a tuple: SFT's dev-selected pass counts
+    general_per_task: float | None = None  # r (None: from task_ratio, else DEFAULT_GENERAL_PER_TASK)
+    general_reuse: bool = True  # reuse general samples when the pool is too small (False: refuse)
+    dev_samples: int = 50  # dev prompts scored at each pass count of a tuple exposures
+    neutral_anchor: bool = False  # the anchor replaced by neutral text of the same length (ablation)
     seq_len: int = 512
     window: int = 64  # packing window (samples) that keeps the mixed order
     mode: str = "lora"  # one of MODES
@@ -121,21 +139,21 @@ class TellConfig:
             raise RecipeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.spread not in SPREADS:
             raise RecipeError(f"spread must be one of {', '.join(SPREADS)}, got {self.spread!r}")
-        if not 0.0 < self.task_ratio < 1.0:
+        if self.task_ratio is not None and not 0.0 < self.task_ratio < 1.0:
             raise RecipeError(f"task-ratio must be in (0, 1), got {self.task_ratio}")
-        if self.exposures is not None and (isinstance(self.exposures, bool) or self.exposures <= 0):
-            raise RecipeError(f"exposures must be a positive integer, got {self.exposures!r}")
-        if self.exposures is not None and self.method != "tell":
-            raise RecipeError("exposures counts the TELL mix (--method tell); SFT's exposure is its --epochs")
+        self._check_exposures()
         if self.general_per_task is not None:
             if not self.general_per_task > 0 or not math.isfinite(self.general_per_task):
                 raise RecipeError(f"general-per-task must be a positive number, got {self.general_per_task!r}")
             implied = 1.0 / (1.0 + self.general_per_task)
-            if self.task_ratio != 0.5 and not math.isclose(self.task_ratio, implied, rel_tol=1e-9):
+            if self.task_ratio is not None and not math.isclose(self.task_ratio, implied, rel_tol=1e-9):
                 raise RecipeError(f"task-ratio {self.task_ratio} and general-per-task {self.general_per_task} "
                                   f"disagree (general-per-task r means task-ratio 1/(1+r) = {implied:.6g}); "
                                   "give one of them")
-        for name in ("task_samples", "test_samples", "seq_len", "max_new_tokens", "eval_batch_size"):
+        if self.neutral_anchor and not self.anchored:
+            raise RecipeError("neutral-anchor replaces the anchor by neutral text: it needs an anchored arm "
+                              "(not --no-anchor; with --method sft give --use-anchor)")
+        for name in ("task_samples", "test_samples", "seq_len", "max_new_tokens", "eval_batch_size", "dev_samples"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise RecipeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.window < 0:
@@ -143,24 +161,72 @@ class TellConfig:
         if self.seq_len > MAX_SEQ_LEN:
             raise RecipeError(f"seq-len must be at most {MAX_SEQ_LEN}, got {self.seq_len}")
         check_output_options(self.merged_dtype)
-        return self.lora, self.train.resolve(TELL_TRAIN_DEFAULTS)
+        train = self.train.resolve(TELL_TRAIN_DEFAULTS)
+        if self.exposures is not None and train.max_steps < 0 and train.epochs != 1.0:
+            raise RecipeError(f"exposures sets the run's length (k passes over the task samples); epochs "
+                              f"{train.epochs} would repeat it: leave --epochs at 1 or give --max-steps")
+        return self.lora, train
+
+    def _check_exposures(self) -> None:
+        k = self.exposures
+        if k is None:
+            return
+        values = k if isinstance(k, (tuple, list)) else (k,)
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 for v in values):
+            raise RecipeError(f"exposures must be a positive integer (or, for --method sft, several), got {k!r}")
+        if isinstance(k, (tuple, list)):
+            if self.method != "sft":
+                raise RecipeError(f"several exposures {list(k)} pick SFT's pass count on dev (--method sft); "
+                                  "TELL shows each task sample a fixed k times: give one value")
+            if len(set(values)) != len(values):
+                raise RecipeError(f"exposures has repeated values: {list(k)}")
+            if self.task_file is not None:
+                raise RecipeError("several exposures select on the generated task's dev split; a --task-file has "
+                                  "none: give one value")
+
+    @property
+    def selecting(self) -> bool:
+        """Whether the run picks SFT's pass count on dev (``exposures`` holds several values)."""
+        return isinstance(self.exposures, (tuple, list))
+
+    def passes(self) -> int | None:
+        """Passes over the task samples the run trains: ``max(exposures)`` (one value: itself), None for the
+        former mix."""
+        if self.exposures is None:
+            return None
+        return int(max(self.exposures)) if self.selecting else int(self.exposures)
+
+    def anchor_text(self, task_anchor: str) -> str:
+        """The text put in front of every task sample: ``task_anchor``, its neutral stand-in, or ``""``."""
+        if not self.anchored:
+            return ""
+        if self.neutral_anchor:
+            from tellneo.data.tell import neutral_anchor_text
+
+            return neutral_anchor_text(len(task_anchor))
+        return task_anchor
 
     def effective_task_ratio(self) -> float:
-        """The task fraction of the mix: ``1 / (1 + general_per_task)`` when r is given, else ``task_ratio``."""
-        return 1.0 / (1.0 + self.general_per_task) if self.general_per_task is not None else self.task_ratio
+        """The task fraction of the mix: ``1 / (1 + r)`` (see :meth:`general_per_task_occurrence`)."""
+        if self.general_per_task is None and self.task_ratio is not None:
+            return self.task_ratio
+        return 1.0 / (1.0 + self.general_per_task_occurrence())
 
     def general_per_task_occurrence(self) -> float:
-        """r: ``general_per_task``, else ``(1 - task_ratio) / task_ratio`` (1.0 at the default 0.5)."""
+        """r: ``general_per_task``, else ``(1 - task_ratio) / task_ratio``, else
+        :data:`DEFAULT_GENERAL_PER_TASK`."""
         if self.general_per_task is not None:
             return float(self.general_per_task)
-        return (1.0 - self.task_ratio) / self.task_ratio
+        if self.task_ratio is not None:
+            return (1.0 - self.task_ratio) / self.task_ratio
+        return DEFAULT_GENERAL_PER_TASK
 
     def general_needed(self, n_task: int) -> int:
         """General samples the exposure-counted mix needs for ``n_task`` task samples: ``round(N * k * r)``
         (at least 1); ValueError without ``exposures``."""
-        if self.exposures is None:
+        if self.passes() is None:
             raise ValueError("general_needed() is defined with exposures (k) only")
-        return max(1, int(round(n_task * self.exposures * self.general_per_task_occurrence())))
+        return max(1, int(round(n_task * self.passes() * self.general_per_task_occurrence())))
 
     def answer_tokens(self) -> int:
         """Greedy tokens generated per test prompt: ``max_new_tokens``, else the generated task's own budget
@@ -186,9 +252,15 @@ class TellConfig:
         d["max_new_tokens"] = self.answer_tokens()
         # the files' contents: --resume refuses changed data
         d["data_sha256"] = {k: file_sha256(getattr(self, k)) for k in ("task_file", "test_file", "general")}
-        if self.exposures is None and self.general_per_task is None:  # today's manifest (and hash) unchanged
-            for name in ("exposures", "general_per_task", "general_reuse"):
-                d.pop(name)
+        if self.exposures is None:  # the former mix: fields added since, at their defaults, are left out
+            for name, default in (("dev_samples", 50), ("neutral_anchor", False)):
+                if d[name] == default:
+                    d.pop(name)
+            if self.general_per_task is None:
+                for name in ("exposures", "general_per_task", "general_reuse"):
+                    d.pop(name)
+        if isinstance(d.get("exposures"), tuple):
+            d["exposures"] = list(d["exposures"])
         return d
 
 
@@ -253,16 +325,56 @@ def task_data(cfg: TellConfig) -> tuple[list[dict], list[dict], str, Any, str]:
 _task_data = task_data  # the former, private name (benchmarks imported it)
 
 
+def dev_pairs(cfg: TellConfig) -> list[dict]:
+    """``cfg.dev_samples`` pairs of the generated task's dev split (disjoint from its train and test splits);
+    RecipeError for a task file (no dev split) or a split too small."""
+    task = generated_task(cfg)
+    if task is None:
+        raise RecipeError("a dev split exists for generated tasks only (--task), not for --task-file")
+    try:
+        return task.pairs(cfg.dev_samples, seed=cfg.train.seed, split="dev")
+    except ValueError as exc:
+        raise RecipeError(f"task {task.name}: {exc}") from None
+
+
+def arm_label(cfg: TellConfig) -> str:
+    """A readable name of the arm, e.g. ``"tell, spread=stratified, anchor, k=8, r=4"``."""
+    parts = [cfg.method] + ([] if cfg.method == "sft" else [f"spread={cfg.spread}"])
+    parts.append(("neutral anchor" if cfg.neutral_anchor else "anchor") if cfg.anchored else "no anchor")
+    if cfg.exposures is not None:
+        k = "/".join(map(str, cfg.exposures)) + " (dev)" if cfg.selecting else str(cfg.exposures)
+        parts.append(f"k={k}")
+        if cfg.method == "tell":
+            parts.append(f"r={cfg.general_per_task_occurrence():g}")
+    return ", ".join(parts)
+
+
 def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConfig, pad_id: int, *,
                        min_rows: int = 0) -> Any:
-    """The training rows: TELL mix (``general_store`` given) packed in order, or the task samples alone (SFT),
-    shuffled per epoch. SFT on a handful of samples can pack into fewer rows than one global batch
-    (``min_rows``): the epoch then holds the task samples ``k`` times (the smallest ``k`` that fills a batch),
-    recorded as ``dataset.repeats``.
+    """The training rows (a :class:`tellneo.data.PackedDataset`).
 
-    With ``cfg.exposures`` (k) the TELL mix of each epoch holds exactly ``len(task_store) * k`` task samples (each
-    k times) among all of ``general_store`` (give it :func:`draw_general` 's ``cfg.general_needed(N)`` samples)."""
-    from tellneo.data import PackedDataset, TokenStore, tell_mix_store
+    * TELL (``general_store`` given): the mix packed in order (``shuffle=False``, packing windows of
+      ``cfg.window``). With ``cfg.exposures`` its epoch holds exactly ``len(task_store) * k`` task samples (each
+      k times) among all of ``general_store`` (give it :func:`draw_general` 's ``cfg.general_needed(N)``
+      samples).
+    * SFT with ``cfg.exposures``: ``cfg.passes()`` passes over the task samples, each a fresh seeded shuffle,
+      packed pass by pass (one packing window per pass) and read in order; ``dataset.pass_size`` is N.
+    * SFT with ``exposures=None`` (the former baseline): the task samples shuffled per epoch; a handful that packs
+      into fewer rows than one global batch (``min_rows``) is held ``repeats`` times per epoch.
+
+    With exposures, ``min_rows`` (the global batch) fills the epoch up to whole global batches with filler rows
+    (no labels; ``PackedDataset(fill_batches=)``) so that no task sample is dropped with a partial last batch.
+    ``dataset.repeats`` is the times each task sample appears per epoch."""
+    from tellneo.data import PackedDataset, TokenStore, rng, tell_mix_store
+
+    fill = min_rows if cfg.exposures is not None and min_rows > 0 else None
+    if general_store is None and cfg.exposures is not None:
+        n, k = len(task_store), cfg.passes()
+        order = np.concatenate([rng.permutation(n, cfg.train.seed, rng.stream_id(p, _SFT_PASS)) for p in range(k)])
+        dataset = PackedDataset(task_store.take(order), cfg.seq_len, window=n, shuffle=False, pad_id=pad_id,
+                                overlong="truncate", fill_batches=fill)
+        dataset.repeats, dataset.pass_size = k, n
+        return dataset
 
     if general_store is None:
         def sft(store: Any) -> Any:
@@ -286,18 +398,20 @@ def build_tell_dataset(task_store: Any, general_store: Any | None, cfg: TellConf
         return tell_mix_store(task_store, general_store, anchor_ids=[], task_ratio=cfg.effective_task_ratio(),
                               seed=cfg.train.seed, epoch=epoch, spread=cfg.spread, task_slots=task_slots)
 
-    task_slots = None if cfg.exposures is None else len(task_store) * cfg.exposures
-
+    task_slots = None if cfg.exposures is None else len(task_store) * cfg.passes()
     dataset = PackedDataset(source, cfg.seq_len, window=cfg.window or None, shuffle=False, pad_id=pad_id,
-                            overlong="truncate")
-    dataset.repeats = 1
-    if task_slots is not None and min_rows > 0:  # the trainer drops a partial last global batch: say what it costs
-        shown = task_exposure(dataset, dataset.steps_per_epoch(min_rows), min_rows)["task_samples"]
-        if shown != task_slots:
-            logger.warning("exposures: an epoch of %d rows in global batches of %d shows %d of the N*k = %d task "
-                           "samples (the partial last batch is dropped); change --batch-size/--grad-accum or "
-                           "--seq-len to show them all", len(dataset), min_rows, shown, task_slots)
+                            overlong="truncate", fill_batches=fill)
+    dataset.repeats = 1 if task_slots is None else cfg.passes()
     return dataset
+
+
+def pass_end_steps(dataset: Any, passes: Any, global_batch: int) -> dict[int, int]:
+    """``{k: optimizer step after which the first k passes have been shown}`` for an SFT dataset of
+    :func:`build_tell_dataset` with exposures (passes packed in order, one window each): the step whose global
+    batch holds the last row of pass k (that batch may also start pass k + 1)."""
+    p, n = dataset.plan, dataset.pass_size
+    rows_through = {int(k): int(p.row[p.sample < int(k) * n].max()) + 1 for k in passes}
+    return {k: -(-rows // global_batch) for k, rows in rows_through.items()}
 
 
 def draw_general(store: Any, need: int, *, reuse: bool = True) -> tuple[Any, dict[str, int]]:
@@ -382,8 +496,8 @@ class _TellRun(RecipeRun):
         self.lora, self.train = cfg.resolve()
         self.manifest = cfg.manifest()
         self.mode, self.output_dir = cfg.mode, Path(cfg.output_dir)
-        self.arm = f"{cfg.method}" + ("" if cfg.method == "sft" else f", spread={cfg.spread}") + \
-            (", anchor" if cfg.anchored else ", no anchor")
+        self.arm = arm_label(cfg)
+        self.selection: Any = None
 
     def check_models(self) -> None:
         from tellneo.models import check_model_path
@@ -397,6 +511,7 @@ class _TellRun(RecipeRun):
         cfg = self.cfg
         stage("reading data")
         self.train_pairs, self.test_pairs, anchor, self.score, self.task_source = task_data(cfg)  # before loading
+        self.dev_pairs = dev_pairs(cfg) if cfg.selecting else []
         counted = cfg.method == "tell" and cfg.exposures is not None
         if counted:  # the whole pool in a seeded random order; tokenized below as far as the mix needs
             general, self.general_source = general_records(cfg.general, None, seed=cfg.train.seed)
@@ -416,19 +531,20 @@ class _TellRun(RecipeRun):
 
         t0 = time.perf_counter()
         stage("tokenizing")
-        self.prefix = prefix = anchor if cfg.anchored else ""
+        self.prefix = prefix = cfg.anchor_text(anchor)
         vocab = int(model.get_output_embeddings().weight.shape[0])
         task_store = tokenize(self.train_pairs, self.tokenizer, what="task", vocab_size=vocab, prompt_prefix=prefix)
-        general_store, used = None, 0
+        general_store, dropped = None, 0
         self.general_counts = {"general_unique": 0, "general_reused": 0}
         if counted:
-            general_store, used = self._counted_general(general, cfg.general_needed(len(task_store)), vocab)
+            general_store, dropped = self._counted_general(general, cfg.general_needed(len(task_store)), vocab)
         elif general is not None:
-            general_store, used = tokenize(general, self.tokenizer, what="general", vocab_size=vocab,
-                                           max_tokens=cfg.seq_len), len(general)
+            general_store = tokenize(general, self.tokenizer, what="general", vocab_size=vocab,
+                                     max_tokens=cfg.seq_len)
+            dropped = len(general) - len(general_store)
             self.general_counts["general_unique"] = len(general_store)
         self.overlong = {
-            "general_records_dropped": used - len(general_store) if general_store is not None else 0,
+            "general_records_dropped": dropped,
             "task_samples_truncated": int((task_store.lengths > cfg.seq_len).sum())}
         if any(self.overlong.values()):
             logger.warning(f"--seq-len {cfg.seq_len}: {self.overlong['general_records_dropped']} longer general "
@@ -441,8 +557,8 @@ class _TellRun(RecipeRun):
         return self.dataset
 
     def _counted_general(self, records: list[dict], need: int, vocab: int) -> tuple[Any, int]:
-        """``(general store of need samples, records read)``: the seeded pool tokenized in chunks until ``need``
-        samples fit ``seq_len`` (or the pool ends), then :func:`draw_general`."""
+        """``(general store of need samples, records read that did not fit seq_len)``: the seeded pool tokenized
+        in chunks until ``need`` samples fit ``seq_len`` (or the pool ends), then :func:`draw_general`."""
         from tellneo.data import TokenStore
         from tellneo.recipes.records import tokenize
 
@@ -464,19 +580,36 @@ class _TellRun(RecipeRun):
         if len(pool) > need:
             pool = pool.take(np.arange(need, dtype=np.int64))
         store, self.general_counts = draw_general(pool, need, reuse=cfg.general_reuse)
-        return store, used
+        return store, used - have
 
-    def evaluate(self, model: Any, label: str) -> dict[str, Any]:
+    def evaluate(self, model: Any, label: str, pairs: list[dict] | None = None) -> dict[str, Any]:
+        """Greedy answers to the test prompts (``pairs``: others, e.g. the dev split) scored by the task."""
         from tqdm.auto import tqdm
 
         from tellneo.recipes.evaluate import task_accuracy
 
-        cfg = self.cfg
-        with tqdm(total=len(self.test_pairs), desc=f"task accuracy ({label})", unit="prompt",
+        cfg, pairs = self.cfg, self.test_pairs if pairs is None else pairs
+        with tqdm(total=len(pairs), desc=f"task accuracy ({label})", unit="prompt",
                   disable=not self.progress) as bar:
-            return task_accuracy(model, self.tokenizer, self.test_pairs, score=self.score, prompt_prefix=self.prefix,
+            return task_accuracy(model, self.tokenizer, pairs, score=self.score, prompt_prefix=self.prefix,
                                  batch_size=cfg.eval_batch_size, max_new_tokens=cfg.answer_tokens(), progress=bar,
                                  metrics=task_metrics(cfg))
+
+    def callbacks(self) -> list[Any]:
+        if not self.cfg.selecting:
+            return []
+        from tellneo.recipes.dev_selection import DevSelection
+
+        steps = pass_end_steps(self.dataset, self.cfg.exposures, self.global_batch)
+        self.selection = DevSelection(steps, lambda model, label: self.evaluate(model, label, self.dev_pairs),
+                                      self.out, is_main=self.state.is_main_process)
+        return [self.selection]
+
+    def after_train(self, model: Any) -> None:
+        if self.selection is not None:
+            chosen = self.selection.restore_best(model)
+            logger.info("dev selection: %d passes chosen (dev accuracy %.3f)", chosen,
+                        self.selection.scores[chosen]["accuracy"])
 
     def trainable_model(self) -> Any:
         return attach_lora(self.model, self.lora) if self.mode == "lora" else self.model.requires_grad_(True)
@@ -505,12 +638,12 @@ class _TellRun(RecipeRun):
         """The summary's exposure counts: task/general samples and tokens shown, distinct and reused general
         samples, and ``task_samples_planned`` (``N * k`` with ``exposures``, else None)."""
         cfg = self.cfg
-        planned = len(self.train_pairs) * cfg.exposures if cfg.exposures is not None and cfg.method == "tell" \
-            else None
-        if planned is not None and exposure["task_samples"] != planned:
-            logger.warning("task samples shown %d != N*k = %d (the run's steps end before or after one epoch of "
-                           "the mix, or a partial last global batch was dropped)", exposure["task_samples"], planned)
-        return {"exposures": cfg.exposures, "general_per_task": cfg.general_per_task_occurrence()
+        k = self.selection.best() if self.selection is not None else cfg.passes()
+        planned = len(self.train_pairs) * k if k is not None else None
+        if planned is not None and exposure["task_samples"] < planned:
+            logger.warning("task samples shown %d < N*k = %d (the run's --max-steps ends before the planned "
+                           "exposures)", exposure["task_samples"], planned)
+        return {"exposures": k, "general_per_task": cfg.general_per_task_occurrence()
                 if cfg.method == "tell" else 0.0, "task_samples_planned": planned,
                 "task_samples_shown": exposure["task_samples"], "general_samples_shown": exposure["general_samples"],
                 **self.general_counts, "task_tokens_seen": exposure["task_tokens"],
@@ -520,14 +653,18 @@ class _TellRun(RecipeRun):
         from tellneo.recipes.reporting import markdown_table
 
         cfg, before, after, steps = self.cfg, run.before, run.after, run.trainer.state.global_step
-        exposure = task_exposure(self.dataset, steps, run.global_batch)
+        selection = self.selection.report() if self.selection is not None else None
+        shown_steps = self.selection.checkpoints[selection["chosen"]] if selection else steps
+        exposure = task_exposure(self.dataset, shown_steps, run.global_batch)  # what the kept weights saw
         summary = {
             "recipe": "tell", "method": cfg.method, "arm": self.arm, "mode": cfg.mode, "task": self.task_source,
             "general": self.general_source, "anchor_chars": len(self.prefix), "task_ratio": cfg.effective_task_ratio() if
             cfg.method == "tell" else 1.0, "spread": cfg.spread if cfg.method == "tell" else None,
             "train_task_pairs": len(self.train_pairs), "task_repeats_per_epoch": self.dataset.repeats,
             "overlong": self.overlong, "test_pairs": len(self.test_pairs), "steps": steps,
-            "global_batch_rows": run.global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": len(self.dataset),
+            "selection": selection, "selected_step": shown_steps, "dev_pairs": len(self.dev_pairs),
+            "neutral_anchor": cfg.neutral_anchor,
+            "global_batch_rows": run.global_batch, "seq_len": cfg.seq_len, "rows_per_epoch": self.dataset.num_rows,
             "exposure": exposure, **self.exposure_counts(exposure), "trainable_parameters": run.trainable,
             "total_parameters": run.total, "lora": self.lora.to_dict() if cfg.mode == "lora" else None,
             "learning_rate": self.train.learning_rate,

@@ -23,7 +23,7 @@ def test_tell_run_reports_accuracy_and_exposure(tmp_path, tiny_model_dir, genera
     printed = capsys.readouterr().out
     assert "exact-match accuracy" in printed and "task samples seen" in printed
     s = json.loads((out / "summary.json").read_text())
-    assert s["arm"] == "tell, spread=stratified, anchor" and s["steps"] == 3 and s["anchor_chars"] > 100
+    assert s["arm"] == "tell, spread=stratified, anchor, k=8, r=4" and s["steps"] == 3 and s["anchor_chars"] > 100
     assert s["before"]["n"] == s["after"]["n"] == 4 and 0 <= s["after"]["accuracy"] <= 1
     e = s["exposure"]
     assert 0 < e["task_trained_tokens"] < e["task_tokens"] < e["all_tokens"]
@@ -35,12 +35,12 @@ def test_tell_run_reports_accuracy_and_exposure(tmp_path, tiny_model_dir, genera
 def test_sft_baseline_and_ablation_arms(tmp_path, tiny_model_dir, general_jsonl):
     assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "sft", "--method", "sft")) == 0
     s = json.loads((tmp_path / "sft" / "summary.json").read_text())
-    assert s["arm"] == "sft, no anchor" and s["anchor_chars"] == 0 and s["general"] is None
+    assert s["arm"] == "sft, no anchor, k=8" and s["anchor_chars"] == 0 and s["general"] is None
     assert s["exposure"]["task_tokens"] == s["exposure"]["all_tokens"]  # the task alone
 
     assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "end", "--spread", "end", "--no-anchor")) == 0
     s = json.loads((tmp_path / "end" / "summary.json").read_text())
-    assert s["arm"] == "tell, spread=end, no anchor"
+    assert s["arm"] == "tell, spread=end, no anchor, k=8, r=4"
     assert s["exposure"]["task_samples"] == 0  # 3 steps read general rows only: the task block comes last
 
 
@@ -67,7 +67,8 @@ def test_help_explains_every_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--model", "--task", "--task-file", "--test-file", "--task-samples", "--anchor", "--no-anchor",
                  "--method", "--general", "--task-ratio", "--spread", "--seq-len", "--max-steps", "--output-dir",
-                 "--resume", "--exposures", "--general-per-task", "--general-reuse", "--no-general-reuse"):
+                 "--resume", "--exposures", "--general-per-task", "--general-reuse", "--no-general-reuse",
+                 "--with-anchor", "--neutral-anchor", "--dev-samples"):
         assert flag in text
     assert "(default: stratified)" in text and "(default: date_iso)" in text
 
@@ -106,4 +107,36 @@ def test_exposure_flags_round_trip_through_a_manifest(tmp_path):
     assert (again.exposures, again.general_per_task, again.general_reuse) == (3, 4.0, False)
     assert again.manifest() == cfg.manifest()
     plain = config_from_args(build_parser().parse_args(["tell"]))
-    assert (plain.exposures, plain.general_per_task, plain.general_reuse) == (None, None, True)
+    assert (plain.exposures, plain.general_per_task, plain.general_reuse, plain.general) == (8, None, True, "mixed")
+    former = config_from_args(build_parser().parse_args(["tell", "--exposures", "0"]))
+    assert former.exposures is None and former.manifest() == TellConfig(exposures=None).manifest()
+
+
+def test_sft_picks_its_pass_count_on_dev_and_tests_the_chosen_checkpoint(tmp_path, tiny_model_dir, general_jsonl):
+    out = tmp_path / "sft"
+    assert main(tell_args(tiny_model_dir, general_jsonl, out, "--method", "sft", "--with-anchor", "--max-steps",
+                          "-1", "--exposures", "1", "3", "--dev-samples", "4", "--lr-scheduler", "constant")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    sel = s["selection"]
+    assert s["arm"] == "sft, anchor, k=1/3 (dev)" and s["anchor_chars"] > 100 and s["dev_pairs"] == 4
+    assert set(sel["scores"]) == {"1", "3"} and sel["chosen"] in (1, 3)
+    assert all(v["n"] == 4 for v in sel["scores"].values())
+    assert s["exposures"] == sel["chosen"] and s["selected_step"] == sel["checkpoints"][str(sel["chosen"])]
+    assert s["task_samples_planned"] == 8 * sel["chosen"] <= s["task_samples_shown"]
+    assert s["steps"] == sel["checkpoints"]["3"]  # the run trained all 3 passes
+    assert json.loads((out / "dev_selection.json").read_text())["chosen"] == sel["chosen"]
+    assert (out / "dev_best.pt").is_file()
+
+
+def test_neutral_anchor_arm_and_contradictory_anchor_flags(tmp_path, tiny_model_dir, general_jsonl, capsys):
+    from tellneo.data.tasks import DATE_ISO
+
+    out = tmp_path / "neutral"
+    assert main(tell_args(tiny_model_dir, general_jsonl, out, "--neutral-anchor", "--exposures", "1")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["neutral_anchor"] is True and s["anchor_chars"] == len(DATE_ISO.anchor_prompt)
+    assert s["arm"] == "tell, spread=stratified, neutral anchor, k=1, r=4"
+    assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "x", "--no-anchor", "--with-anchor")) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "x", "--exposures", "2", "4")) == 2
+    assert "--method sft" in capsys.readouterr().err

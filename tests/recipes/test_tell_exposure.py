@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from tellneo.data import TokenStore
 from tellneo.recipes.errors import RecipeError
@@ -40,7 +41,8 @@ def test_mix_holds_n_times_k_task_samples_each_k_times(n, k, r):
 def test_exposure_is_not_capped_by_the_general_pool():
     """The former mix caps task slots at ~G*ratio/(1-ratio); with k the task count no longer depends on G."""
     task, general_pool = stores(n_task=8, n_general=16)
-    capped = build_tell_dataset(task, general_pool, TellConfig(seq_len=64, window=16), pad_id=0)
+    capped = build_tell_dataset(task, general_pool, TellConfig(seq_len=64, window=16, exposures=None, task_ratio=0.5),
+                                pad_id=0)
     assert int(capped.is_task.sum()) == 16  # 1:1 with 16 general samples: 2 per task sample
     cfg = TellConfig(seq_len=64, window=16, exposures=10, general_per_task=1.0)
     general, counts = draw_general(general_pool, cfg.general_needed(8))
@@ -82,15 +84,23 @@ def test_ratio_spellings_and_bad_values():
     with pytest.raises(RecipeError, match="disagree"):
         TellConfig(task_ratio=0.25, general_per_task=4.0).resolve()
     assert TellConfig(task_ratio=0.2).general_per_task_occurrence() == pytest.approx(4.0)
-    for bad in (dict(exposures=0), dict(exposures=-2), dict(general_per_task=0.0), dict(general_per_task=-1.0),
-                dict(method="sft", exposures=3)):
-        with pytest.raises(RecipeError):
+    assert TellConfig().general_per_task_occurrence() == 4.0 and TellConfig().passes() == 8  # the paper's shape
+    for bad, says in ((dict(exposures=0), "positive integer"), (dict(exposures=-2), "positive integer"),
+                      (dict(exposures=True), "positive integer"), (dict(general_per_task=0.0), "positive number"),
+                      (dict(general_per_task=-1.0), "positive number"), (dict(exposures=(4, 8)), "--method sft"),
+                      (dict(method="sft", exposures=(4, 4)), "repeated"), (dict(method="sft", exposures=()),
+                                                                           "positive integer"),
+                      (dict(exposures=2, train=TrainSettings(epochs=3.0)), "leave --epochs at 1"),
+                      (dict(neutral_anchor=True, use_anchor=False), "needs an anchored arm")):
+        with pytest.raises(RecipeError, match=says):
             TellConfig(**bad).resolve()
+    assert TellConfig(method="sft", exposures=3).resolve()  # SFT: 3 passes
 
 
-def test_default_mix_and_manifest_unchanged():
+def test_former_mix_and_manifest_unchanged():
+    """exposures=None (the compute-matched arms already recorded) keeps its mix and its manifest (and hash)."""
     task, general = stores()
-    cfg = TellConfig(seq_len=64, window=16, train=TrainSettings(seed=3))
+    cfg = TellConfig(seq_len=64, window=16, exposures=None, task_ratio=0.5, general=None, train=TrainSettings(seed=3))
     ds = build_tell_dataset(task, general, cfg, pad_id=0)
     from tellneo.data import tell_mix_store
 
@@ -102,7 +112,8 @@ def test_default_mix_and_manifest_unchanged():
     a, b = mix_order(6, 60, task_ratio=0.5, seed=3, epoch=0)  # the order recorded before exposure counting
     assert hashlib.sha256(a.tobytes() + b.tobytes()).hexdigest()[:16] == "ce4872e7ad9da194"
     m = cfg.manifest()
-    assert not {"exposures", "general_per_task", "general_reuse"} & set(m)
+    assert not {"exposures", "general_per_task", "general_reuse", "dev_samples", "neutral_anchor"} & set(m)
+    assert m["task_ratio"] == 0.5 and m["general"] is None
     counted = TellConfig(exposures=2).manifest()
     assert counted["exposures"] == 2 and counted["general_reuse"] is True
 
@@ -117,27 +128,28 @@ def test_counted_general_reads_the_seeded_pool_past_overlong_records(smollm2_tok
     run = _TellRun(TellConfig(seq_len=64, exposures=1, general_per_task=5.0))
     run.tokenizer = smollm2_tokenizer
     vocab = len(smollm2_tokenizer)
-    store, used = run._counted_general(records, 40, vocab)
+    store, dropped = run._counted_general(records, 40, vocab)
     assert len(store) == 40 and run.general_counts == {"general_unique": 40, "general_reused": 0}
-    assert int(store.lengths.max()) <= 64 and used == 64  # one chunk of 64 records: 42 short ones, 40 kept
-    store, used = run._counted_general(records, 100, vocab)
-    assert len(store) == 100 and used == 90 and run.general_counts == {"general_unique": 60, "general_reused": 40}
+    assert int(store.lengths.max()) <= 64 and dropped == 22  # one chunk of 64 records: 42 short ones, 40 kept
+    store, dropped = run._counted_general(records, 100, vocab)
+    assert len(store) == 100 and dropped == 30 and run.general_counts == {"general_unique": 60, "general_reused": 40}
     run.cfg.general_reuse = False
     with pytest.raises(RecipeError, match="60 usable samples"):
         run._counted_general(records, 100, vocab)
 
 
-def test_a_dropped_partial_batch_that_hides_task_samples_is_said(caplog):
+def test_no_task_sample_is_dropped_with_a_partial_last_batch():
+    """The trainer drops a partial last global batch: with exposures the epoch is filled up to whole batches
+    with filler rows (no labels), so every one of the N*k task samples is read."""
     task, pool = stores(n_task=6, n_general=400)
     cfg = TellConfig(seq_len=64, window=16, exposures=2, general_per_task=4.0)
     general, _ = draw_general(pool, cfg.general_needed(6))
-    ds = build_tell_dataset(task, general, cfg, pad_id=0)
-    full = task_exposure(ds, 1, len(ds))["task_samples"]
-    assert full == 12
-    with caplog.at_level(logging.WARNING, logger="tellneo"):
-        build_tell_dataset(task, general, cfg, pad_id=0, min_rows=1)  # every row read: nothing to say
-    assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="tellneo"):
-        build_tell_dataset(task, general, cfg, pad_id=0, min_rows=len(ds) // 2 + 1)  # about half the rows dropped
-    shown = task_exposure(ds, 1, len(ds) // 2 + 1)["task_samples"]
-    assert shown < 12 and len(caplog.records) == 1 and f"shows {shown} of the N*k = 12" in caplog.text
+    plain = build_tell_dataset(task, general, cfg, pad_id=0)
+    assert len(plain) == plain.num_rows and task_exposure(plain, 1, len(plain))["task_samples"] == 12
+    batch = plain.num_rows // 2 + 1  # a global batch that leaves a partial last one of num_rows - batch rows
+    ds = build_tell_dataset(task, general, cfg, pad_id=0, min_rows=batch)
+    assert ds.num_rows == plain.num_rows and len(ds) == 2 * batch and ds.steps_per_epoch(batch) == 2
+    assert task_exposure(ds, ds.steps_per_epoch(batch), batch)["task_samples"] == 12  # none dropped
+    rows = ds.batch(list(range(len(ds))))
+    assert bool((rows["labels"][ds.num_rows:] == -100).all())  # filler rows train nothing
+    assert torch.equal(rows["input_ids"][: ds.num_rows], plain.batch(list(range(plain.num_rows)))["input_ids"])

@@ -27,7 +27,7 @@ def stores(n_task=6, n_general=60, seed=0):
 
 def test_trainer_reads_the_tell_mix_in_order_and_exposure_counts(tmp_path):
     task, general = stores()
-    cfg = TellConfig(seq_len=64, task_ratio=0.2, window=16, train=TrainSettings(batch_size=2, grad_accum=1,
+    cfg = TellConfig(seq_len=64, task_ratio=0.2, window=16, exposures=None, train=TrainSettings(batch_size=2, grad_accum=1,
                                                                                  max_steps=5, seed=3))
     ds = build_tell_dataset(task, general, cfg, pad_id=0)
     assert ds.is_task is not None and ds.is_task.sum() == round(0.2 * 60 / 0.8)
@@ -54,7 +54,7 @@ def test_trainer_reads_the_tell_mix_in_order_and_exposure_counts(tmp_path):
 @pytest.mark.parametrize("spread", ["stratified", "end"])
 def test_spread_end_puts_every_task_row_last(spread):
     task, general = stores(n_general=120)
-    cfg = TellConfig(seq_len=64, task_ratio=0.2, window=16, spread=spread)
+    cfg = TellConfig(seq_len=64, task_ratio=0.2, window=16, spread=spread, exposures=None)
     ds = build_tell_dataset(task, general, cfg, pad_id=0)
     rows = ds.batch(list(range(len(ds))))["input_ids"]
     has_task = (rows == 7).any(1).numpy()
@@ -67,18 +67,18 @@ def test_spread_end_puts_every_task_row_last(spread):
 
 def test_sft_dataset_is_the_task_alone():
     task, _ = stores()
-    ds = build_tell_dataset(task, None, TellConfig(seq_len=64), pad_id=0)
+    ds = build_tell_dataset(task, None, TellConfig(seq_len=64, method="sft", exposures=None), pad_id=0)
     assert ds.is_task is None and len(ds.store) == len(task) and ds.repeats == 1
 
 
 def test_sft_on_a_few_samples_repeats_them_to_fill_one_global_batch():
     task, _ = stores(n_task=3)  # 3 short samples: one row of 64 tokens
-    one = build_tell_dataset(task, None, TellConfig(seq_len=64), pad_id=0)
+    one = build_tell_dataset(task, None, TellConfig(seq_len=64, method="sft", exposures=None), pad_id=0)
     assert len(one) == 1
-    ds = build_tell_dataset(task, None, TellConfig(seq_len=64), pad_id=0, min_rows=4)
+    ds = build_tell_dataset(task, None, TellConfig(seq_len=64, method="sft", exposures=None), pad_id=0, min_rows=4)
     assert len(ds) >= 4 and ds.steps_per_epoch(4) == 1 and len(ds.store) == 3 * ds.repeats
     assert ds.repeats == min(k for k in range(1, 20) if len(build_tell_dataset(
-        TokenStore.concat([task] * k), None, TellConfig(seq_len=64), pad_id=0)) >= 4)  # the smallest k
+        TokenStore.concat([task] * k), None, TellConfig(seq_len=64, method="sft", exposures=None), pad_id=0)) >= 4)  # the smallest k
     rows = ds.batch(list(range(len(ds))))["input_ids"]
     assert int((rows == 7).sum()) == ds.repeats * int(task.offsets[-1])  # every copy whole, nothing else
 
