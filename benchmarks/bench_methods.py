@@ -1,7 +1,11 @@
 """Method experiments (NEO table, TELL token-efficiency curve) on the embedded SmolLM2-135M-Instruct.
 
-    python -m benchmarks.bench_methods [--only neo|tell] [--scale cpu|gpu] [--seeds 0 1 2]
+    python -m benchmarks.bench_methods [--only neo|tell|tell-paper] [--scale cpu|gpu|...] [--seeds 0 1 2]
+    python -m benchmarks.bench_methods --only tell-paper --estimate     # the protocol's CPU time, before running
     tellneo bench methods -- --only tell
+
+``tell`` is the first, compute-matched TELL experiment (one seed); ``tell-paper`` is the protocol that tests the
+paper's claim at equal unique task samples (issue 14; :mod:`benchmarks.methods.tell_paper`, its own scales).
 
 Slow (about two hours on 2 CPU cores at ``--scale cpu``), so ``tellneo bench`` without suite names skips it.
 Every arm runs in its own process through the public recipes; finished arms are reused, so an interrupted sweep
@@ -18,12 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.methods import neo, tell
+from benchmarks.methods import neo, tell, tell_paper
 from benchmarks.methods.common import RESULTS, SCALES, read_csv, results_name, write_csv
 from benchmarks.methods.runner import run_arm
 
 SLOW = True  # excluded from `tellneo bench` without suite names
-EXPERIMENTS = {"neo": neo, "tell": tell}
+EXPERIMENTS = {"neo": neo, "tell": tell, "tell-paper": tell_paper}
+# measured on the 2-core development machine (SmolLM2-135M, LoRA r16, seq 512, 1 thread per run; see tell_paper)
+ESTIMATE_TOKENS_PER_S = 150.0
+ESTIMATE_PROMPTS_PER_S = 0.5
 
 
 def render_readme() -> str:
@@ -34,6 +41,16 @@ def render_readme() -> str:
              "commit. Scales are defined in `benchmarks/methods/common.py`.\n"]
     for name, module in EXPERIMENTS.items():
         parts.append(f"## {name.upper()}\n\n{module.__doc__.strip()}\n")
+        if module is tell_paper:
+            for scale in tell_paper.SCALES.values():
+                stem = results_name(name, scale)
+                path = RESULTS / f"{stem}.csv"
+                if path.is_file():
+                    rows = read_csv(path)
+                    parts.append(f"### Scale `{scale.name}`\n\nDevice: {rows[0]['device']}; {len(rows)} runs; "
+                                 f"commits {', '.join(sorted({r['commit'] for r in rows}))} ([csv]({stem}.csv))."
+                                 f"\n\n![{stem}]({stem}.png)\n\n{module.table(rows)}\n")
+            continue
         for scale in SCALES.values():
             stem = results_name(name, scale)
             path = RESULTS / f"{stem}.csv"
@@ -53,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=sorted(EXPERIMENTS), action="append",
                    help="run only this experiment (repeatable; default: both)")
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="run sizes (default: %(default)s)")
+    p.add_argument("--scale", choices=sorted(set(SCALES) | set(tell_paper.SCALES)), default="cpu",
+                   help="run sizes (default: %(default)s); tell-paper has its own: cpu, gpu")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds for the LoRA arms of NEO; the other runs use the first (default: %(default)s)")
     p.add_argument("--runs", type=Path, default=Path("outputs/methods"),
@@ -66,9 +84,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only these arms (neo: lora-ce neo full-kd full-ce and the scale's sensitivity rows, e.g. "
                         "neo-r64 neo-dora; tell: sft tell tell-no-anchor tell-no-shuffle); default: all")
     p.add_argument("--report-only", action="store_true", help="only redraw the plots and README.md from the CSVs")
+    p.add_argument("--estimate", action="store_true",
+                   help="tell-paper: print the runs, tokens and CPU hours of --scale and exit (rates measured on "
+                        f"2 cores: {ESTIMATE_TOKENS_PER_S:g} training tokens/s, {ESTIMATE_PROMPTS_PER_S:g} prompts/s "
+                        "per run)")
     args = p.parse_args(argv)
-    scale = SCALES[args.scale]
+    only = args.only or list(EXPERIMENTS)
+    if "tell-paper" in only and args.scale not in tell_paper.SCALES:
+        p.error(f"--scale {args.scale}: tell-paper's scales are {', '.join(tell_paper.SCALES)}")
+    if args.estimate:
+        if args.scale not in tell_paper.SCALES:
+            p.error(f"--estimate is for tell-paper, whose scales are {', '.join(tell_paper.SCALES)}")
+        est = tell_paper.estimate(tell_paper.SCALES[args.scale], ESTIMATE_TOKENS_PER_S * max(1, args.jobs),
+                                  ESTIMATE_PROMPTS_PER_S * max(1, args.jobs), args.arms)
+        print(f"tell-paper --scale {args.scale} at --jobs {args.jobs}: {tell_paper.describe_estimate(est)}")
+        return 0
+    scale = SCALES.get(args.scale, SCALES["cpu"])
     known = set(neo.arm_names(scale, args.seeds)) | set(tell.ARMS)
+    if args.scale in tell_paper.SCALES:
+        known |= set(tell_paper.arm_names(tell_paper.SCALES[args.scale]))
     if args.arms and not set(args.arms) <= known:
         p.error(f"--arms: unknown {sorted(set(args.arms) - known)}; known: {sorted(known)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -83,8 +117,25 @@ def main(argv: list[str] | None = None) -> int:
             keep = RESULTS / "records" / results_name(run_dir.parent.name, scale) / f"{run_dir.name}.json"
             return run_arm(recipe, config, run_dir, threads=args.threads, keep=keep)
 
-        for name in args.only or list(EXPERIMENTS):
+        for name in only:
             module = EXPERIMENTS[name]
+            if module is tell_paper:
+                pscale = tell_paper.SCALES[args.scale]
+                stem = results_name(name, pscale)
+
+                def arm_p(recipe: str, config: dict, run_dir: Path, stem: str = stem) -> dict:
+                    keep = RESULTS / "records" / stem / f"{run_dir.name}.json"
+                    return run_arm(recipe, config, run_dir, threads=args.threads, keep=keep)
+
+                rows = tell_paper.run(pscale, args.runs.resolve(), arm_p, progress, args.arms, jobs=args.jobs,
+                                      save=lambda rows, stem=stem: write_csv(RESULTS / f"{stem}.csv", rows))
+                if rows:
+                    write_csv(RESULTS / f"{stem}.csv", rows)
+                    tell_paper.plot(rows, RESULTS / f"{stem}.png")
+                    print(tell_paper.table(rows), flush=True)
+                continue
+            if args.scale not in SCALES:
+                continue
             stem = results_name(name, scale)
             extra = {}
             if name == "neo":  # the long one: rows reach the CSV as runs finish
@@ -98,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(module.table(rows), flush=True)
     else:
         for name, module in EXPERIMENTS.items():
-            for s in SCALES.values():
+            for s in (tell_paper.SCALES if module is tell_paper else SCALES).values():
                 path = RESULTS / f"{results_name(name, s)}.csv"
                 if path.is_file():
                     module.plot(read_csv(path), path.with_suffix(".png"))

@@ -37,6 +37,14 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def model_source_id(model: str | Path | None) -> str:
+    """A cheap identity of a model's files (path, sizes, modification times; None = the embedded model), for
+    caches of results computed from an untrained model. A changed file gives a new identity."""
+    path = smollm2_gguf() if model is None else Path(model)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def check_model_path(model: str | Path | None, what: str = "model path") -> None:
     """Raise :class:`ModelNotFoundError` naming ``what`` when ``model`` (a GGUF file or HF directory; None = the
     embedded model) does not exist: cheap, so commands check every path before loading anything."""

@@ -86,7 +86,8 @@ def _tell(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
     # the counted mix draws from the whole pool: its description (with the pool's fingerprint) names it
     general = [{"source": general_records(cfg.general)[1]}] if cfg.method == "tell" else []
     dev = dev_pairs(cfg) if cfg.selecting else []
-    return run_tell(cfg, resume=True, progress=False), _records_hash(train, test, dev, general)
+    summary = run_tell(cfg, resume=True, progress=False, before_cache=run_dir.parent / "_before_cache")
+    return summary, _records_hash(train, test, dev, general)
 
 
 def child_main(argv: list[str]) -> int:

@@ -50,10 +50,11 @@ class DevSelection(TrainerCallback):
             self.scores = {int(k): v for k, v in json.loads(path.read_text())["scores"].items()}
 
     def best(self) -> int | None:
-        """The checkpoint with the highest dev accuracy (ties: the smallest k), None before any is scored."""
+        """The checkpoint with the highest dev accuracy (ties: the earliest step, and of the checkpoints a step
+        ends, the largest k: what that model was trained on), None before any is scored."""
         if not self.scores:
             return None
-        return min(self.scores, key=lambda k: (-self.scores[k]["accuracy"], k))
+        return min(self.scores, key=lambda k: (-self.scores[k]["accuracy"], self.scores[k]["step"], -k))
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         k = self.at_step.get(state.global_step)

@@ -178,9 +178,10 @@ def task_accuracy(
 
     Prompts are rendered with the chat template (``prompt_prefix``, e.g. the anchor prompt, in front of the user
     message) and left-padded in batches; generation is greedy and stops at the tokenizer's EOS. Returns
-    ``{"accuracy", "correct", "n", "examples": [{prompt, reference, prediction, correct}, ...]}``, and with
+    ``{"accuracy", "correct", "n", "examples": [{prompt, reference, prediction, correct}, ...], "per_prompt":
+    [0/1 per pair, in order]}`` (paired statistics need the per-prompt outcomes), and with
     ``metrics`` (a per-answer ``(prediction, reference) -> {name: 0..1}``, e.g. :meth:`tellneo.data.tasks.Task.metrics`)
-    also ``"metrics": {name: mean over all pairs}``.
+    also ``"metrics": {name: mean over all pairs}`` (and ``"valid_per_prompt"`` when a metric is ``valid``).
     """
     if not pairs:
         raise ValueError("task_accuracy needs at least one test pair")
@@ -190,6 +191,8 @@ def task_accuracy(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     correct = 0
+    per_prompt: list[int] = []
+    valid: list[int] = []
     totals: dict[str, float] = {}
     examples: list[dict[str, Any]] = []
     try:
@@ -204,9 +207,12 @@ def task_accuracy(
             for pair, answer in zip(chunk, answers):
                 ok = bool(score(answer.strip(), pair["response"]))
                 correct += ok
+                per_prompt.append(int(ok))
                 if metrics is not None:
                     for name, value in metrics(answer.strip(), pair["response"]).items():
                         totals[name] = totals.get(name, 0.0) + float(value)
+                        if name == "valid":
+                            valid.append(int(value))
                 if len(examples) < keep_examples:
                     examples.append({"prompt": pair["prompt"], "reference": pair["response"],
                                      "prediction": answer.strip(), "correct": ok})
@@ -215,7 +221,10 @@ def task_accuracy(
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    result = {"accuracy": correct / len(pairs), "correct": correct, "n": len(pairs), "examples": examples}
+    result = {"accuracy": correct / len(pairs), "correct": correct, "n": len(pairs), "examples": examples,
+              "per_prompt": per_prompt}
     if metrics is not None:
         result["metrics"] = {name: total / len(pairs) for name, total in totals.items()}
+    if valid:
+        result["valid_per_prompt"] = valid
     return result

@@ -18,6 +18,7 @@ Arms of the TELL experiments are configurations of it:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -478,12 +479,18 @@ def task_exposure(dataset: Any, steps: int, global_batch: int) -> dict[str, int]
 
 
 def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-             report_to: str | list[str] = "none") -> dict[str, Any]:
+             report_to: str | list[str] = "none", before_cache: str | Path | None = None) -> dict[str, Any]:
     """Run the TELL (or SFT-baseline) recipe; returns the summary (also written to ``summary.json``).
+
+    ``before_cache``: a directory where the untrained model's test scores are kept, keyed by everything they
+    depend on (model file, test prompts, anchor text, answer budget, batch size, torch version); sweeps whose
+    runs share a seed's test split then generate them once. Not part of the run's manifest: a cached score is
+    the same computation's result.
 
     Errors as :func:`tellneo.recipes.distill.run_distill`.
     """
-    return run_recipe(_TellRun(cfg), resume=resume, overwrite=overwrite, progress=progress, report_to=report_to)
+    return run_recipe(_TellRun(cfg, before_cache=before_cache), resume=resume, overwrite=overwrite,
+                      progress=progress, report_to=report_to)
 
 
 class _TellRun(RecipeRun):
@@ -491,8 +498,9 @@ class _TellRun(RecipeRun):
 
     stages = 4
 
-    def __init__(self, cfg: TellConfig) -> None:
+    def __init__(self, cfg: TellConfig, *, before_cache: str | Path | None = None) -> None:
         self.cfg = cfg
+        self.before_cache = Path(before_cache) if before_cache is not None else None
         self.lora, self.train = cfg.resolve()
         self.manifest = cfg.manifest()
         self.mode, self.output_dir = cfg.mode, Path(cfg.output_dir)
@@ -589,11 +597,35 @@ class _TellRun(RecipeRun):
         from tellneo.recipes.evaluate import task_accuracy
 
         cfg, pairs = self.cfg, self.test_pairs if pairs is None else pairs
+        cached = self._before_cache_file(pairs) if label == "before" else None
+        if cached is not None and cached.is_file():
+            return json.loads(cached.read_text())
         with tqdm(total=len(pairs), desc=f"task accuracy ({label})", unit="prompt",
                   disable=not self.progress) as bar:
-            return task_accuracy(model, self.tokenizer, pairs, score=self.score, prompt_prefix=self.prefix,
-                                 batch_size=cfg.eval_batch_size, max_new_tokens=cfg.answer_tokens(), progress=bar,
-                                 metrics=task_metrics(cfg))
+            result = task_accuracy(model, self.tokenizer, pairs, score=self.score, prompt_prefix=self.prefix,
+                                   batch_size=cfg.eval_batch_size, max_new_tokens=cfg.answer_tokens(),
+                                   progress=bar, metrics=task_metrics(cfg))
+        if cached is not None and self.state.is_main_process:
+            from tellneo.io import atomic_write_text
+
+            atomic_write_text(cached, json.dumps(result))
+        return result
+
+    def _before_cache_file(self, pairs: list[dict]) -> Path | None:
+        """Where the untrained model's scores of ``pairs`` are cached (None without ``before_cache``)."""
+        if self.before_cache is None:
+            return None
+        import hashlib
+
+        import torch
+
+        from tellneo.models import model_source_id
+
+        key = json.dumps({"model": model_source_id(self.cfg.model), "pairs": pairs, "prefix": self.prefix,
+                          "answer_tokens": self.cfg.answer_tokens(), "batch": self.cfg.eval_batch_size,
+                          "task": None if self.cfg.task_file else self.cfg.task, "torch": torch.__version__},
+                         sort_keys=True)
+        return self.before_cache / f"before-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
     def callbacks(self) -> list[Any]:
         if not self.cfg.selecting:
@@ -668,8 +700,10 @@ class _TellRun(RecipeRun):
             "exposure": exposure, **self.exposure_counts(exposure), "trainable_parameters": run.trainable,
             "total_parameters": run.total, "lora": self.lora.to_dict() if cfg.mode == "lora" else None,
             "learning_rate": self.train.learning_rate,
-            "before": {k: before[k] for k in ("accuracy", "correct", "n", "metrics") if k in before},
-            "after": {k: after[k] for k in ("accuracy", "correct", "n", "metrics") if k in after},
+            "before": {k: before[k] for k in ("accuracy", "correct", "n", "metrics", "per_prompt", "valid_per_prompt")
+                       if k in before},
+            "after": {k: after[k] for k in ("accuracy", "correct", "n", "metrics", "per_prompt", "valid_per_prompt")
+                      if k in after},
             "examples_after": after["examples"],
         }
         table = markdown_table(

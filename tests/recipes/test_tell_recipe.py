@@ -114,7 +114,7 @@ def test_task_accuracy_scores_greedy_answers(smollm2_tokenizer):
     side = tok.padding_side
     res = task_accuracy(model, tok, pairs, score=DATE_ISO.score, prompt_prefix="ANCHOR\n", batch_size=2)
     assert (res["correct"], res["n"]) == (2, 3) and res["accuracy"] == pytest.approx(2 / 3)
-    assert [e["correct"] for e in res["examples"]] == [True, True, False]
+    assert [e["correct"] for e in res["examples"]] == [True, True, False] and res["per_prompt"] == [1, 1, 0]
     assert tok.padding_side == side  # restored
     input_ids, mask, kw = model.calls[0]
     assert kw["do_sample"] is False and mask[:, 0].tolist() in ([0, 1], [1, 0], [1, 1])  # left padding
@@ -137,6 +137,7 @@ def test_task_accuracy_averages_the_task_metrics_over_every_answer(smollm2_token
     res = task_accuracy(model, tok, pairs, score=JSON_RECORD.score, batch_size=2, keep_examples=1,
                         max_new_tokens=JSON_RECORD.max_new_tokens, metrics=JSON_RECORD.metrics)
     assert (res["correct"], res["n"]) == (1, 3) and len(res["examples"]) == 1
+    assert res["per_prompt"] == [1, 0, 0] and res["valid_per_prompt"] == [1, 1, 0]
     m = res["metrics"]
     assert m["valid"] == pytest.approx(2 / 3) and m["exact"] == pytest.approx(1 / 3)
     assert m["field_amount"] == pytest.approx(1 / 3) and m["field_name"] == pytest.approx(2 / 3)

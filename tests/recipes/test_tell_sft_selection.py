@@ -92,6 +92,16 @@ def test_dev_selection_scores_at_the_pass_steps_keeps_the_best_and_restores_it(t
     assert len(calls) == 4 and resumed.best() == 2
 
 
+def test_a_step_that_ends_several_checkpoints_is_scored_once_and_credited_to_the_largest(tmp_path):
+    """A tiny task set: one optimizer step can finish passes 2 and 4; the model there has seen 4 passes."""
+    calls = []
+    sel = DevSelection({2: 1, 4: 1, 8: 3}, lambda m, label: calls.append(label) or {"accuracy": 0.5, "correct": 2,
+                                                                                      "n": 4}, tmp_path)
+    state = types.SimpleNamespace(global_step=1)
+    sel.on_step_end(None, state, None, model=TinyModel())
+    assert len(calls) == 1 and set(sel.scores) == {2, 4} and sel.best() == 4
+
+
 def test_dev_selection_refuses_to_choose_among_unscored_checkpoints(tmp_path):
     sel = DevSelection({1: 2, 2: 4}, lambda m, label: {"accuracy": 1.0, "correct": 1, "n": 1}, tmp_path)
     state = types.SimpleNamespace(global_step=2)
