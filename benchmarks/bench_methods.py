@@ -29,8 +29,8 @@ from benchmarks.methods.runner import run_arm
 SLOW = True  # excluded from `tellneo bench` without suite names
 EXPERIMENTS = {"neo": neo, "tell": tell, "tell-paper": tell_paper}
 # measured on the 2-core development machine (SmolLM2-135M, LoRA r16, seq 512, 1 thread per run; see tell_paper)
-ESTIMATE_TOKENS_PER_S = 150.0
-ESTIMATE_PROMPTS_PER_S = 0.5
+ESTIMATE_TOKENS_PER_S = 77.0  # a json_record TELL run at one thread, the other core busy (2026-12-03)
+ESTIMATE_PROMPTS_PER_S = 0.47  # greedy json_record answers with the anchor, batches of 20, one thread
 
 
 def render_readme() -> str:
@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only this experiment (repeatable; default: both)")
     p.add_argument("--scale", choices=sorted(set(SCALES) | set(tell_paper.SCALES)), default="cpu",
                    help="run sizes (default: %(default)s); tell-paper has its own: cpu, gpu")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="seeds for the LoRA arms of NEO; the other runs use the first (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds for the LoRA arms of NEO, the other NEO/TELL runs use the first (default: 0 1 2); "
+                        "tell-paper: only these of its scale's seeds")
+    p.add_argument("--budgets", type=int, nargs="+", default=None,
+                   help="tell-paper: only these task-sample counts N of its scale")
+    p.add_argument("--tasks", nargs="+", default=None, help="tell-paper: only these tasks (json_record, date_iso)")
     p.add_argument("--runs", type=Path, default=Path("outputs/methods"),
                    help="where the per-arm run directories go (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per run (default: torch's)")
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"2 cores: {ESTIMATE_TOKENS_PER_S:g} training tokens/s, {ESTIMATE_PROMPTS_PER_S:g} prompts/s "
                         "per run)")
     args = p.parse_args(argv)
+    paper_seeds = args.seeds
+    args.seeds = args.seeds or [0, 1, 2]
     only = args.only or list(EXPERIMENTS)
     if "tell-paper" in only and args.scale not in tell_paper.SCALES:
         p.error(f"--scale {args.scale}: tell-paper's scales are {', '.join(tell_paper.SCALES)}")
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scale not in tell_paper.SCALES:
             p.error(f"--estimate is for tell-paper, whose scales are {', '.join(tell_paper.SCALES)}")
         est = tell_paper.estimate(tell_paper.SCALES[args.scale], ESTIMATE_TOKENS_PER_S * max(1, args.jobs),
-                                  ESTIMATE_PROMPTS_PER_S * max(1, args.jobs), args.arms)
+                                  ESTIMATE_PROMPTS_PER_S * max(1, args.jobs), args.arms, paper_seeds, args.budgets, args.tasks)
         print(f"tell-paper --scale {args.scale} at --jobs {args.jobs}: {tell_paper.describe_estimate(est)}")
         return 0
     scale = SCALES.get(args.scale, SCALES["cpu"])
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                     return run_arm(recipe, config, run_dir, threads=args.threads, keep=keep)
 
                 rows = tell_paper.run(pscale, args.runs.resolve(), arm_p, progress, args.arms, jobs=args.jobs,
-                                      save=lambda rows, stem=stem: write_csv(RESULTS / f"{stem}.csv", rows))
+                                      save=lambda rows, stem=stem: write_csv(RESULTS / f"{stem}.csv", rows),
+                                      seeds=paper_seeds, budgets=args.budgets, tasks=args.tasks)
                 if rows:
                     write_csv(RESULTS / f"{stem}.csv", rows)
                     tell_paper.plot(rows, RESULTS / f"{stem}.png")

@@ -65,7 +65,7 @@ class PaperScale:
 
 SCALES = {
     # one session of 2 CPU cores: the main arms at 4 N, r and ablations at one N, date_iso at 3 N
-    "cpu": PaperScale("cpu", budgets=(4, 8, 16, 32), seeds=(0, 1, 2), test_samples=200, dev_samples=50,
+    "cpu": PaperScale("cpu", budgets=(4, 8, 16, 32), seeds=(0, 1, 2), test_samples=200, dev_samples=30,
                       sft_exposures=(2, 4, 8, 16), exposures=8, general_per_task=4.0, ratio_grid=(1.0, 16.0),
                       ratio_budgets=(8,), ablation_budgets=(8,), smoke_budgets=(4, 16, 64)),
     # the issue's protocol for a lent GPU (not run without one)
@@ -95,10 +95,15 @@ class Arm:
         return f"{self.task}-{self.arm}{r}-n{self.budget}-s{self.seed}"
 
 
-def plan(scale: PaperScale, arms: Sequence[str] | None = None) -> list[Arm]:
+def plan(scale: PaperScale, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+         budgets: Sequence[int] | None = None, tasks: Sequence[str] | None = None) -> list[Arm]:
     """Every run of the protocol, in the order an interrupted sweep is most useful: the main arms at each N for
     every seed (smallest N first, so the first finished cells are complete across seeds), then the r rows, the
-    ablations and the smoke task. ``arms`` filters by arm name (``tell-r1`` etc. for the r rows)."""
+    ablations and the smoke task. ``arms`` filters by arm name (``tell-r1`` etc. for the r rows); ``seeds``,
+    ``budgets`` (N) and ``tasks`` keep only those."""
+    if seeds is not None or budgets is not None or tasks is not None:
+        return [a for a in plan(scale, arms) if (seeds is None or a.seed in seeds) and
+                (budgets is None or a.budget in budgets) and (tasks is None or a.task in tasks)]
     out: list[Arm] = []
     for n in scale.budgets:
         out += [Arm(a, scale.task, n, seed, scale.general_per_task if a == "tell" else None)
@@ -172,7 +177,8 @@ def row(a: Arm, record: dict[str, Any], scale: PaperScale) -> dict[str, Any]:
 
 
 def estimate(scale: PaperScale, tokens_per_s: float, eval_prompts_per_s: float,
-             arms: Sequence[str] | None = None) -> dict[str, Any]:
+             arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+             budgets: Sequence[int] | None = None, tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """CPU-time estimate of the protocol from the measured training rate (tokens/s) and generation rate
     (prompts/s, with the anchor): token counts per run from the tasks' real token lengths."""
     from tellneo.data.tasks import get_task
@@ -194,15 +200,18 @@ def estimate(scale: PaperScale, tokens_per_s: float, eval_prompts_per_s: float,
         pairs = task.pairs(64, seed=0)
         per_task[name] = (length(pairs), length(pairs, task.anchor_prompt))
     runs, total_tokens, total_prompts = [], 0.0, 0
-    for a in plan(scale, arms):
+    before_cached: set[tuple] = set()
+    for a in plan(scale, arms, seeds, budgets, tasks):
         plain, anchored = per_task[a.task]
         sample = plain if a.arm in ("sft", "tell-no-anchor") else anchored
+        prefix = (a.task, a.seed, a.arm in ("sft", "tell-no-anchor"), a.arm == "tell-neutral-anchor")
+        prompts = scale.test_samples * (1 if prefix in before_cached else 2)  # the untrained scores are cached
+        before_cached.add(prefix)
         if a.arm.startswith("sft"):
             tokens = a.budget * max(scale.sft_exposures) * sample
-            prompts = 2 * scale.test_samples + len(scale.sft_exposures) * scale.dev_samples
+            prompts += len(scale.sft_exposures) * scale.dev_samples
         else:
             tokens = a.budget * scale.exposures * (sample + a.ratio * general)
-            prompts = 2 * scale.test_samples
         total_tokens += tokens
         total_prompts += prompts
         runs.append((a.label, tokens, prompts))
@@ -213,13 +222,15 @@ def estimate(scale: PaperScale, tokens_per_s: float, eval_prompts_per_s: float,
 
 
 def run(scale: PaperScale, root: Path, run_arm: Callable[..., dict[str, Any]], progress: Callable[[str], None],
-        arms: Sequence[str] | None = None, jobs: int = 1, save: Callable[[list], None] | None = None
-        ) -> list[dict[str, Any]]:
-    """Run (or reuse) every arm of :func:`plan`; rows in plan order. ``jobs`` runs at a time (threads that each
-    wait on one child process); ``save(rows)`` after every finished run, so the CSV grows as runs finish."""
+        arms: Sequence[str] | None = None, jobs: int = 1, save: Callable[[list], None] | None = None,
+        seeds: Sequence[int] | None = None, budgets: Sequence[int] | None = None,
+        tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run (or reuse) every arm of :func:`plan` (filtered as there); rows in plan order. ``jobs`` runs at a time
+    (threads that each wait on one child process); ``save(rows)`` after every finished run, so the CSV grows as
+    runs finish."""
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = plan(scale, arms)
+    todo = plan(scale, arms, seeds, budgets, tasks)
     done: dict[int, dict[str, Any]] = {}
 
     def one(i: int) -> None:
