@@ -123,12 +123,19 @@ def run_arm(recipe: str, config: dict[str, Any], run_dir: Path, *, log: Path | N
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     done = run_dir / "arm.json"
-    for path in ([keep] if keep else []) + [done]:
-        record = _finished(path, config)
-        if record is not None:
-            if keep and path != keep:
-                atomic_write_text(keep, json.dumps(record, indent=2))
-            return record
+    record = _finished(keep, config) if keep else None
+    if record is not None:
+        return record
+    record = _finished(done, config) or _run_child(recipe, config, run_dir, log=log, threads=threads)
+    if keep:
+        atomic_write_text(keep, json.dumps(record, indent=2))
+    return record
+
+
+def _run_child(recipe: str, config: dict[str, Any], run_dir: Path, *, log: Path | None, threads: int | None
+               ) -> dict[str, Any]:
+    """Run one arm in ``python -m benchmarks.methods.runner``; returns the ``arm.json`` it wrote."""
+    done = run_dir / "arm.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "arm_config.json"
     atomic_write_text(config_file, json.dumps(config, indent=2))
@@ -141,11 +148,7 @@ def run_arm(recipe: str, config: dict[str, Any], run_dir: Path, *, log: Path | N
                                str(run_dir)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not done.is_file():
         raise RuntimeError(f"arm {run_dir.name} failed (exit {proc.returncode}); see {log}")
-    record = json.loads(done.read_text())
-    if keep:
-        atomic_write_text(keep, json.dumps(record, indent=2))
-    return record
-
+    return json.loads(done.read_text())
 
 if __name__ == "__main__":
     sys.exit(child_main(sys.argv[1:]))
