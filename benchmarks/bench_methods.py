@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.scale not in tell_paper.SCALES:
             p.error(f"--estimate is for tell-paper, whose scales are {', '.join(tell_paper.SCALES)}")
         est = tell_paper.estimate(tell_paper.SCALES[args.scale], ESTIMATE_TOKENS_PER_S * max(1, args.jobs),
-                                  ESTIMATE_PROMPTS_PER_S * max(1, args.jobs), args.arms, paper_seeds, args.budgets, args.tasks)
+                                  ESTIMATE_PROMPTS_PER_S * max(1, args.jobs), args.arms, paper_seeds, args.budgets,
+                                  args.tasks)
         print(f"tell-paper --scale {args.scale} at --jobs {args.jobs}: {tell_paper.describe_estimate(est)}")
         return 0
     scale = SCALES.get(args.scale, SCALES["cpu"])

@@ -355,8 +355,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                            + seeds)
             lines.append("| " + " | ".join(out) + " |")
         if a["diffs"]:
-            lines += ["", "| N | TELL − baseline (paired, 95% bootstrap over seeds and prompts) | x-fold: SFT's N for "
-                      "TELL's accuracy ÷ TELL's N |", "|---|---|---|"]
+            lines += ["", "| N | TELL − baseline (paired, 95% bootstrap over seeds and prompts) | x-fold: SFT's N "
+                      "for TELL's accuracy ÷ TELL's N |", "|---|---|---|"]
             for d in a["diffs"]:
                 fold = [f for f in a["folds"] if f["N"] == d["N"] and f["baseline"] == d["baseline"]]
                 lines.append(f"| {d['N']} | vs {d['baseline']}: {d['diff'].format(3)} | "

@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "gives SFT the anchor; --no-anchor, --neutral-anchor and --spread end/random are TELL's "
                     "ablations. --exposures 0 is the former compute-matched mix (the first --general-samples "
                     "records once each, task slots by --task-ratio). With no arguments: the embedded "
-                    "SmolLM2-135M-Instruct on the generated date_iso task (32 samples, 40 test prompts).",
+                    "SmolLM2-135M-Instruct on the generated date_iso task (16 samples, each shown 8 times among "
+                    "512 general samples: about 60k training tokens; 40 test prompts).",
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
@@ -58,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                    "arrow or a datasets directory) instead of a generated task")
     g.add_argument("--test-file", type=Path, help="held-out test pairs, same formats (default: the last "
                                                    "--test-samples records of --task-file)")
-    g.add_argument("--task-samples", type=int, default=32, help="N: task samples used for training")
+    g.add_argument("--task-samples", type=int, default=16, help="N: task samples used for training")
     g.add_argument("--test-samples", type=int, default=40, help="held-out test prompts scored before and after")
     anchor = g.add_mutually_exclusive_group()
     anchor.add_argument("--anchor", help="anchor prompt text (default: the generated task's anchor prompt)")

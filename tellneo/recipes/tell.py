@@ -102,7 +102,7 @@ class TellConfig:
     task: str = "date_iso"  # a generated task (tellneo.data.tasks), used when task_file is None
     task_file: str | None = None  # jsonl of task pairs for training
     test_file: str | None = None  # jsonl of held-out pairs (default with task_file: its last test_samples)
-    task_samples: int = 32  # N: task samples used for training
+    task_samples: int = 16  # N: task samples used for training
     test_samples: int = 40
     method: str = "tell"
     use_anchor: bool | None = None  # default: True for tell, False for sft
