@@ -639,6 +639,7 @@ class _TellRun(RecipeRun):
 
     def after_train(self, model: Any) -> None:
         if self.selection is not None:
+            self.state.wait_for_everyone()  # under torchrun the main process writes the best weights
             chosen = self.selection.restore_best(model)
             logger.info("dev selection: %d passes chosen (dev accuracy %.3f)", chosen,
                         self.selection.scores[chosen]["accuracy"])
