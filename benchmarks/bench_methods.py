@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=None,
                    help="run only these arms (neo: lora-ce neo full-kd full-ce and the scale's sensitivity rows, e.g. "
                         "neo-r64 neo-dora; tell: sft tell tell-no-anchor tell-no-shuffle); default: all")
-    p.add_argument("--report-only", action="store_true", help="only redraw the plots and README.md from the CSVs")
+    p.add_argument("--report-only", action="store_true",
+                   help="only redraw the plots and README.md from the CSVs (tell-paper: its CSV rebuilt from the "
+                        "kept records first)")
     p.add_argument("--estimate", action="store_true",
                    help="tell-paper: print the runs, tokens and CPU hours of --scale and exit (rates measured on "
                         f"2 cores: {ESTIMATE_TOKENS_PER_S:g} training tokens/s, {ESTIMATE_PROMPTS_PER_S:g} prompts/s "
@@ -158,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             module.plot(rows, RESULTS / f"{stem}.png")
             print(module.table(rows), flush=True)
     else:
+        for s in tell_paper.SCALES.values():  # its CSV from the kept records: sweeps run in pieces
+            stem = results_name("tell-paper", s)
+            rows = tell_paper.rows_from_records(s, RESULTS / "records" / stem)
+            if rows:
+                write_csv(RESULTS / f"{stem}.csv", rows)
         for name, module in EXPERIMENTS.items():
             for s in (tell_paper.SCALES if module is tell_paper else SCALES).values():
                 path = RESULTS / f"{results_name(name, s)}.csv"

@@ -108,3 +108,29 @@ def test_estimate_counts_the_real_token_lengths():
     plain, anchored = est["task_tokens_per_sample"]["json_record"]
     assert anchored > plain + 150  # the json_record anchor is ~1,000 characters
     assert "runs" in tell_paper.describe_estimate(est)
+
+
+def test_rows_are_rebuilt_from_kept_records_in_plan_order(tmp_path):
+    from tellneo.io import config_hash
+
+    arms = [Arm("tell", "json_record", 8, 0, 4.0), Arm("sft-anchor", "json_record", 4, 0),
+            Arm("tell-neutral-anchor", "json_record", 8, 0, 4.0), Arm("tell", "json_record", 8, 0, 16.0),
+            Arm("tell-end", "json_record", 8, 0, 4.0), Arm("tell-no-anchor", "json_record", 8, 0, 4.0)]
+    summary = {"after": {"accuracy": 0.5, "correct": 1, "n": 2, "per_prompt": [1, 0]}, "before": {"accuracy": 0.0},
+               "exposures": 8, "steps": 3, "global_batch_rows": 2, "seq_len": 512, "anchor_chars": 10,
+               "task_samples_shown": 8, "general_samples_shown": 0, "general_reused": 0, "task_tokens_seen": 9,
+               "general_tokens_seen": 0}
+    for a in arms:
+        cfg = config(a, CPU)
+        assert tell_paper.arm_of(json.loads(json.dumps(cfg))) == a
+        record = {"config": cfg, "config_hash": config_hash(cfg), "summary": summary, "commit": "c", "data_hash": "d",
+                  "wall_s": 1.0}
+        (tmp_path / f"{a.label}.json").write_text(json.dumps(record))
+    stale = dict(config(arms[0], CPU), test_samples=7)  # a config the scale no longer makes: left out
+    (tmp_path / "stale.json").write_text(json.dumps({"config": stale, "config_hash": config_hash(stale),
+                                                     "summary": summary}))
+    rows = tell_paper.rows_from_records(CPU, tmp_path)
+    order = [a.label for a in plan(CPU)]
+    got = [Arm(r["arm"], r["task"], int(r["task_samples"]), int(r["seed"]),
+               float(r["general_per_task"]) if r["general_per_task"] != "" else None).label for r in rows]
+    assert sorted(got) == sorted(a.label for a in arms) and got == sorted(got, key=order.index)

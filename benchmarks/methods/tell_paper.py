@@ -249,6 +249,37 @@ def run(scale: PaperScale, root: Path, run_arm: Callable[..., dict[str, Any]], p
     return [done[i] for i in sorted(done)]
 
 
+def arm_of(config: dict[str, Any]) -> Arm:
+    """The :class:`Arm` a flat config of :func:`config` was made for (the inverse of :func:`config`)."""
+    if config["method"] == "sft":
+        name = "sft-anchor" if config["use_anchor"] else "sft"
+    elif not config["use_anchor"]:
+        name = "tell-no-anchor"
+    elif config.get("neutral_anchor"):
+        name = "tell-neutral-anchor"
+    else:
+        name = {"end": "tell-end", "random": "tell-random"}.get(config["spread"], "tell")
+    ratio = config.get("general_per_task")
+    return Arm(name, config["task"], int(config["task_samples"]), int(config["train"]["seed"]),
+               None if ratio is None else float(ratio))
+
+
+def rows_from_records(scale: PaperScale, records: Path) -> list[dict[str, Any]]:
+    """The CSV rows of every kept record under ``records`` (``*.json`` written by the driver) whose config is
+    the one :func:`config` makes for its arm at ``scale`` today, in :func:`plan` order: rebuilds the results of
+    a sweep that ran in pieces (several invocations, interrupted ones) without rerunning anything."""
+    from tellneo.io import config_hash
+
+    order = {a.label: i for i, a in enumerate(plan(scale))}
+    found = []
+    for path in sorted(records.glob("*.json")):
+        record = json.loads(path.read_text())
+        a = arm_of(record["config"])
+        if a.label in order and record.get("config_hash") == config_hash(config(a, scale)):
+            found.append((order[a.label], row(a, record, scale)))
+    return [r for _, r in sorted(found, key=lambda x: x[0])]
+
+
 # ------------------------------------------------------------------------------------------------ analysis
 
 
@@ -397,6 +428,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 ax.annotate(f"r={float(c['r']):g}", (c["N"], c["accuracy"]), textcoords="offset points",
                             xytext=(5, 2), fontsize=7)
         ax.set_xscale("log", base=2)
+        ns = sorted({c["N"] for c in cells})
+        ax.set_xticks(ns, [str(n) for n in ns])
+        before = [float(r["accuracy_before"]) for r in rows if r["task"] == task]
+        if before:
+            ax.axhline(max(before), color="red", linestyle=":", linewidth=1, label="base model (best prefix)")
         ax.set_xlabel("unique task samples N")
         ax.set_ylabel("held-out exact-match accuracy")
         ax.set_ylim(-0.02, 1.02)
@@ -404,7 +440,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(f"{task}: {len(res[task]['seeds'])} seed(s), ±1.96 SE")
         ax.legend(fontsize=7)
     r0 = rows[0]
-    fig.suptitle(f"TELL vs SFT at equal unique task samples; SmolLM2-135M-Instruct + LoRA r16; "
+    fig.suptitle(f"TELL vs SFT at equal unique task samples\nSmolLM2-135M-Instruct + LoRA r16, "
                  f"{r0['tokens_per_step']} tokens/step; {r0['device']}", fontsize=9)
     fig.tight_layout()
     atomic_save_figure(fig, path)
