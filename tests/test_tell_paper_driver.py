@@ -75,7 +75,7 @@ def fake_rows(seeds=(0, 1, 2), prompts=200, gain=0.1):
                 rows.append({"task": "json_record", "arm": arm, "task_samples": str(n), "seed": str(seed),
                              "scale": "cpu", "general_per_task": "4.0" if arm == "tell" else "",
                              "exposures": "8", "test_prompts": str(prompts), "tokens_per_step": "1024",
-                             "device": "test", "accuracy_after": str(outcomes.mean()),
+                             "device": "test", "accuracy_after": str(outcomes.mean()), "accuracy_before": "0.0",
                              "per_prompt_after": "".join(map(str, outcomes))})
     return rows
 
