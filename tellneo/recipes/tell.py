@@ -76,9 +76,9 @@ class TellConfig:
     :data:`DEFAULT_EXPOSURES`) times, with ``general_per_task`` (r, default :data:`DEFAULT_GENERAL_PER_TASK`)
     general samples per task occurrence drawn at random (seeded by ``train.seed``) from the whole ``general``
     pool (default ``"mixed"``: Python-docs + synthetic pairs, ~53k). The mix holds exactly ``N * k`` task
-    samples and ``round(N * k * r)`` general samples; the run lasts one epoch of it, its last optimizer step
-    completed with the first rows of the next epoch when the rows do not fill whole global batches (those extra
-    samples are counted in the summary, never dropped). A pool too small (after the ``seq_len`` filter) is
+    samples and ``round(N * k * r)`` general samples; the run lasts one epoch of it, topped up to whole global
+    batches with label-free filler rows, so the trainer's dropped partial batch never hides a task sample. A
+    pool too small (after the ``seq_len`` filter) is
     reused, said in one log line and counted as ``general_reused``, or refused with ``general_reuse=False``.
     ``task_ratio`` is the other spelling of r (``task_ratio = 1 / (1 + r)``); both given and inconsistent is
     refused.
@@ -153,7 +153,7 @@ class TellConfig:
                                   "give one of them")
         if self.neutral_anchor and not self.anchored:
             raise RecipeError("neutral-anchor replaces the anchor by neutral text: it needs an anchored arm "
-                              "(not --no-anchor; with --method sft give --use-anchor)")
+                              "(not --no-anchor; with --method sft give --with-anchor)")
         for name in ("task_samples", "test_samples", "seq_len", "max_new_tokens", "eval_batch_size", "dev_samples"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise RecipeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
