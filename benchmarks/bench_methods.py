@@ -28,7 +28,6 @@ from benchmarks.methods.runner import run_arm
 
 SLOW = True  # excluded from `tellneo bench` without suite names
 EXPERIMENTS = {"neo": neo, "tell": tell, "tell-paper": tell_paper}
-# measured on the 2-core development machine (SmolLM2-135M, LoRA r16, seq 512, 1 thread per run; see tell_paper)
 # rates of one run at one thread with a second run on the other core (json_record, 2026-12-03): TELL trained 69 and
 # SFT 54 tokens/s (dev scoring inside its training time); 200 anchored test prompts took 515-520 s, unanchored 260 s
 ESTIMATE_TOKENS_PER_S = 60.0

@@ -283,13 +283,17 @@ def rows_from_records(scale: PaperScale, records: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ analysis
 
 
+def _ratio(value: Any) -> float | None:
+    """A row's ``general_per_task`` as a number (None for the SFT arms' empty cell)."""
+    return None if value in ("", None) else float(value)
+
+
 def _outcomes(rows: list[dict[str, Any]], task: str, arm: str, n: int, ratio: Any = None) -> dict[int, list[int]]:
-    """``{seed: per-prompt 0/1 outcomes}`` of one cell."""
+    """``{seed: per-prompt 0/1 outcomes}`` of one cell (``ratio`` None: any r; rows without an r always match)."""
     out = {}
     for r in rows:
         if r["task"] == task and r["arm"] == arm and int(r["task_samples"]) == n and (
-                ratio is None or str(r["general_per_task"]) in ("", str(ratio)) or
-                float(r["general_per_task"] or "nan") == float(ratio)):
+                ratio is None or _ratio(r["general_per_task"]) in (None, float(ratio))):
             out[int(r["seed"])] = [int(c) for c in r["per_prompt_after"]]
     return out
 
@@ -328,9 +332,8 @@ def analysis(rows: list[dict[str, Any]], *, n_boot: int = 4000) -> dict[str, Any
                     if not cell:
                         continue
                     m = _matrix(cell, sorted(cell))
-                    per_seed = m.mean(axis=1)
                     cells.append({"task": task, "N": n, "arm": arm, "r": ratio, "seeds": len(cell),
-                                  "accuracy": float(m.mean()), "seed_mean_ci": stats.mean_ci(per_seed),
+                                  "accuracy": float(m.mean()),
                                   "se_prompts": stats.binomial_se(float(m.mean()), m.size)})
         for baseline in ("sft", "sft-anchor"):
             curve = {n: _outcomes(trows, task, baseline, n) for n in budgets}

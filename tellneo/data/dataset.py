@@ -145,7 +145,7 @@ class PackedDataset(torch.utils.data.Dataset):
     def batch(self, indices: Sequence[int] | np.ndarray, *, layout: str = "rows",
               device: torch.device | str | None = None) -> dict[str, Any]:
         """Items ``indices`` of this epoch emitted together (one native call); see :func:`emit_rows`."""
-        store, p, order = self._cache
+        store, p, _ = self._cache
         idx = np.asarray(indices)
         if idx.size and (idx.dtype.kind not in "iu" or idx.ndim != 1):
             raise TypeError(f"row indices must be a 1-D sequence of ints, got dtype {idx.dtype}, shape {idx.shape}")
@@ -155,27 +155,28 @@ class PackedDataset(torch.utils.data.Dataset):
             bad = int(idx[(idx < 0) | (idx >= n)][0])
             raise IndexError(f"row index {bad} is out of range: epoch {self.epoch} has {n} rows "
                              f"(indices 0..{n - 1})")
-        filler = idx >= len(order)
+        rows, filler = self._plan_rows(idx)
         if not filler.any():
-            return emit_rows(store, p, order[idx], layout=layout, pad_id=self.pad_id, backend=self.backend,
-                             device=device)
+            return emit_rows(store, p, rows, layout=layout, pad_id=self.pad_id, backend=self.backend, device=device)
         if layout != "rows":  # a filler row carries no label: leaving it out of a flat batch changes nothing
-            return emit_rows(store, p, order[idx[~filler]], layout=layout, pad_id=self.pad_id,
-                             backend=self.backend, device=device)
-        out = emit_rows(store, p, np.where(filler, order[0], order[np.minimum(idx, len(order) - 1)]),
-                        layout=layout, pad_id=self.pad_id, backend=self.backend, device=device)
+            return emit_rows(store, p, rows[~filler], layout=layout, pad_id=self.pad_id, backend=self.backend,
+                             device=device)
+        out = emit_rows(store, p, rows, layout=layout, pad_id=self.pad_id, backend=self.backend, device=device)
         out["labels"][torch.from_numpy(filler).to(out["labels"].device)] = IGNORE_INDEX
         return out
+
+    def _plan_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(plan row of each item, which items are filler rows)``; a filler row reuses the epoch's first row."""
+        order = self._cache[2]
+        filler = idx >= len(order)
+        return np.where(filler, order[0], order[np.minimum(idx, len(order) - 1)]), filler
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         out = self.batch(indices)
-        order = self._cache[2]
-        idx = np.asarray(indices, dtype=np.int64)
-        used = torch.from_numpy(self.plan.row_lengths()[np.where(idx < len(order), order[np.minimum(
-            idx, len(order) - 1)], order[0])])
+        used = torch.from_numpy(self.plan.row_lengths()[self._plan_rows(np.asarray(indices, dtype=np.int64))[0]])
         return [
             {"input_ids": out["input_ids"][k], "labels": out["labels"][k], "position_ids": out["position_ids"][k],
              "num_tokens": used[k]}
