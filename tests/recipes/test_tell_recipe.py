@@ -84,7 +84,8 @@ def test_sft_on_a_few_samples_repeats_them_to_fill_one_global_batch():
 
 
 class ScriptedLM(torch.nn.Module):
-    """generate() appends fixed answers: the tokens of answers[i] for prompt i of the batch."""
+    """generate() appends fixed answers: the tokens of answers[i] for prompt i of the batch. It has no forward, so
+    task_accuracy runs it with share_prefix=False (the shared-prefix path: tests/recipes/test_task_accuracy_prefix.py)."""
 
     def __init__(self, tokenizer, answers):
         super().__init__()
@@ -112,7 +113,8 @@ def test_task_accuracy_scores_greedy_answers(smollm2_tokenizer):
              {"prompt": "Date: the 3rd of July 1950", "response": "1950-07-03"}]
     model = ScriptedLM(tok, ["2001-05-01", " 1999-06-02 ", "1950-07-04"])
     side = tok.padding_side
-    res = task_accuracy(model, tok, pairs, score=DATE_ISO.score, prompt_prefix="ANCHOR\n", batch_size=2)
+    res = task_accuracy(model, tok, pairs, score=DATE_ISO.score, prompt_prefix="ANCHOR\n", batch_size=2,
+                        share_prefix=False)
     assert (res["correct"], res["n"]) == (2, 3) and res["accuracy"] == pytest.approx(2 / 3)
     assert [e["correct"] for e in res["examples"]] == [True, True, False] and res["per_prompt"] == [1, 1, 0]
     assert tok.padding_side == side  # restored
@@ -135,10 +137,11 @@ def test_task_accuracy_averages_the_task_metrics_over_every_answer(smollm2_token
     answers = [json.dumps(ref[0]), json.dumps(wrong_amount), "JSON: not an object"]
     model = ScriptedLM(tok, answers)
     res = task_accuracy(model, tok, pairs, score=JSON_RECORD.score, batch_size=2, keep_examples=1,
-                        max_new_tokens=JSON_RECORD.max_new_tokens, metrics=JSON_RECORD.metrics)
+                        max_new_tokens=JSON_RECORD.max_new_tokens, metrics=JSON_RECORD.metrics, share_prefix=False)
     assert (res["correct"], res["n"]) == (1, 3) and len(res["examples"]) == 1
     assert res["per_prompt"] == [1, 0, 0] and res["valid_per_prompt"] == [1, 1, 0]
     m = res["metrics"]
     assert m["valid"] == pytest.approx(2 / 3) and m["exact"] == pytest.approx(1 / 3)
     assert m["field_amount"] == pytest.approx(1 / 3) and m["field_name"] == pytest.approx(2 / 3)
-    assert "metrics" not in task_accuracy(ScriptedLM(tok, answers), tok, pairs, score=JSON_RECORD.score)
+    assert "metrics" not in task_accuracy(ScriptedLM(tok, answers), tok, pairs, score=JSON_RECORD.score,
+                                          share_prefix=False)
