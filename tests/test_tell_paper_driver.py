@@ -90,8 +90,16 @@ def test_analysis_reads_paired_differences_and_the_fold_from_per_prompt_outcomes
     folds = [f for f in res["folds"] if f["baseline"] == "sft" and f["N"] == 8]
     # +0.1 accuracy on a curve of 0.15 per doubling: SFT needs 2**(0.1/0.15) = 1.6x the samples
     assert folds and folds[0]["fold"].estimate.value == pytest.approx(2 ** (0.1 / 0.15), rel=0.35)
-    partial = [r for r in fake_rows() if not (r["seed"] == "2" and r["arm"] == "tell")]
-    assert not analysis(partial, n_boot=100)["json_record"]["diffs"]  # incomplete cells do not enter
+    assert {d["seeds"] for d in res["diffs"]} == {3}
+    # a sweep part-way: seed 2 has SFT everywhere but TELL only at N=4, seed 1 lacks SFT at N=32
+    partial = [r for r in fake_rows() if not (r["seed"] == "2" and r["arm"] == "tell" and r["task_samples"] != "4")
+               and not (r["seed"] == "1" and r["arm"] == "sft" and r["task_samples"] == "32")]
+    part = analysis(partial, n_boot=100)["json_record"]
+    by = {(d["N"], d["baseline"]): d["seeds"] for d in part["diffs"]}
+    assert by[4, "sft"] == 3 and by[8, "sft"] == 2 and by[32, "sft"] == 1 and by[32, "sft-anchor"] == 2
+    folds = {(f["N"], f["baseline"]): f for f in part["folds"] if f["baseline"] == "sft"}
+    assert folds[4, "sft"]["seeds"] == 3 and folds[4, "sft"]["curve_N"] == [4, 8, 16]  # 32 lacks seed 1
+    assert folds[8, "sft"]["seeds"] == 2 and folds[8, "sft"]["curve_N"] == [4, 8, 16]
 
 
 def test_table_and_plot(tmp_path: Path):

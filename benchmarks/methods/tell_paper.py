@@ -311,7 +311,12 @@ def _matrix(cell: dict[int, list[int]], seeds: list[int]) -> Any:
 
 def analysis(rows: list[dict[str, Any]], *, n_boot: int = 4000) -> dict[str, Any]:
     """Per task: cell means with standard errors, paired TELL − SFT(+anchor) differences, and the x-fold read
-    of every TELL point against each SFT curve (only cells every seed finished enter)."""
+    of every TELL point against each SFT curve.
+
+    A sweep fills seeds cell by cell, so each comparison uses the seeds its cells share and says how many
+    (``"seeds"``): a difference at N the seeds both TELL and the baseline finished at N; an x-fold the seeds of the
+    TELL cell, on the baseline's curve over the N every one of those seeds finished (at least two N).
+    """
     from benchmarks.methods import stats
 
     r_default = _default_r(rows)
@@ -321,10 +326,6 @@ def analysis(rows: list[dict[str, Any]], *, n_boot: int = 4000) -> dict[str, Any
         budgets = sorted({int(r["task_samples"]) for r in trows})
         seeds = sorted({int(r["seed"]) for r in trows})
         cells, diffs, folds = [], [], []
-
-        def full(cell: dict[int, list[int]]) -> bool:
-            return bool(cell) and all(s in cell for s in seeds)
-
         for n in budgets:
             for arm in sorted({r["arm"] for r in trows}):
                 for ratio in sorted({r["general_per_task"] for r in trows if r["arm"] == arm}, key=str):
@@ -337,17 +338,20 @@ def analysis(rows: list[dict[str, Any]], *, n_boot: int = 4000) -> dict[str, Any
                                   "se_prompts": stats.binomial_se(float(m.mean()), m.size)})
         for baseline in ("sft", "sft-anchor"):
             curve = {n: _outcomes(trows, task, baseline, n) for n in budgets}
-            curve = {n: c for n, c in curve.items() if full(c)}
             for n in budgets:
                 tell = _outcomes(trows, task, "tell", n, r_default)
-                if not full(tell) or n not in curve:
+                shared = sorted(set(tell) & set(curve[n]))
+                if not shared:
                     continue
-                d = stats.paired_bootstrap_nested(_matrix(curve[n], seeds), _matrix(tell, seeds), n_boot=n_boot)
-                diffs.append({"task": task, "N": n, "baseline": baseline, "diff": d})
-                if len(curve) >= 2:
-                    f = stats.data_efficiency_bootstrap({k: _matrix(v, seeds) for k, v in curve.items()},
-                                                        _matrix(tell, seeds), n, n_boot=n_boot)
-                    folds.append({"task": task, "N": n, "baseline": baseline, "fold": f})
+                d = stats.paired_bootstrap_nested(_matrix(curve[n], shared), _matrix(tell, shared), n_boot=n_boot)
+                diffs.append({"task": task, "N": n, "baseline": baseline, "diff": d, "seeds": len(shared)})
+                fold_seeds = sorted(tell)
+                on_curve = {k: v for k, v in curve.items() if all(s in v for s in fold_seeds)}
+                if len(on_curve) >= 2:
+                    f = stats.data_efficiency_bootstrap({k: _matrix(v, fold_seeds) for k, v in on_curve.items()},
+                                                        _matrix(tell, fold_seeds), n, n_boot=n_boot)
+                    folds.append({"task": task, "N": n, "baseline": baseline, "fold": f, "seeds": len(fold_seeds),
+                                  "curve_N": sorted(on_curve)})
         result[task] = {"cells": cells, "diffs": diffs, "folds": folds, "seeds": seeds}
     return result
 
@@ -389,12 +393,13 @@ def table(rows: list[dict[str, Any]]) -> str:
                            + seeds)
             lines.append("| " + " | ".join(out) + " |")
         if a["diffs"]:
-            lines += ["", "| N | TELL − baseline (paired, 95% bootstrap over seeds and prompts) | x-fold: SFT's N "
-                      "for TELL's accuracy ÷ TELL's N |", "|---|---|---|"]
+            lines += ["", "| N | TELL − baseline (paired, 95% bootstrap over seeds and prompts) | seeds | x-fold: "
+                      "SFT's N for TELL's accuracy ÷ TELL's N (seeds; SFT's curve over N) |", "|---|---|---|---|"]
             for d in a["diffs"]:
                 fold = [f for f in a["folds"] if f["N"] == d["N"] and f["baseline"] == d["baseline"]]
-                lines.append(f"| {d['N']} | vs {d['baseline']}: {d['diff'].format(3)} | "
-                             f"{fold[0]['fold'].format() if fold else '–'} |")
+                read = (f"{fold[0]['fold'].format()} ({fold[0]['seeds']}; "
+                        f"{'/'.join(map(str, fold[0]['curve_N']))})" if fold else "–")
+                lines.append(f"| {d['N']} | vs {d['baseline']}: {d['diff'].format(3)} | {d['seeds']} | {read} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
