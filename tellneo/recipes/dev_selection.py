@@ -3,8 +3,9 @@ trainable weights, and put them back once training ends (SFT's pass count, ``tel
 --exposures 4 8 16 32``).
 
 Scores and the best weights live in the run directory (``dev_selection.json``, ``dev_best.pt``, both written
-atomically), so a resumed run keeps what an interrupted one had scored. Ties go to the earlier checkpoint (fewer
-passes). Under torchrun every process scores the dev split (the same greedy answers); the main one writes.
+atomically), so a resumed run keeps what an interrupted one had scored; a fresh start (``--overwrite``, or
+``--resume`` without a checkpoint) removes them with the run's other outputs. Ties go to the earlier checkpoint
+(fewer passes). Under torchrun every process scores the dev split (the same greedy answers); the main one writes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import torch
 from transformers import TrainerCallback
 
 from tellneo.io import atomic_write_bytes, atomic_write_text
+from tellneo.recipes.run_dir import DEV_BEST as BEST_FILE
+from tellneo.recipes.run_dir import DEV_SCORES as SCORES_FILE
 
 __all__ = ["DevSelection", "SCORES_FILE", "BEST_FILE"]
-
-SCORES_FILE = "dev_selection.json"
-BEST_FILE = "dev_best.pt"
 
 
 class DevSelection(TrainerCallback):

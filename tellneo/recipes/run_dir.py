@@ -21,16 +21,20 @@ from tellneo.recipes.outputs import GGUF_NAME, STUDENT_BASE
 
 logger = logging.getLogger("tellneo")
 
-__all__ = ["CHECKPOINTS", "METRICS", "RUN_OUTPUTS", "TOPK", "check_run_dir", "clean_staging", "last_checkpoint",
-           "open_run_dir"]
+__all__ = ["CHECKPOINTS", "DEV_BEST", "DEV_SCORES", "METRICS", "RUN_OUTPUTS", "TOPK", "check_run_dir",
+           "clean_staging", "last_checkpoint", "open_run_dir"]
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TOPK = "teacher_topk"
+# best-of-k on dev (tellneo.recipes.dev_selection): the scores so far and the best weights
+DEV_SCORES = "dev_selection.json"
+DEV_BEST = "dev_best.pt"
 # Everything a run writes into its directory besides the manifest: cleared before a fresh start writes its
 # manifest, so an interrupted --overwrite never leaves the new manifest beside the old run's results.
 _SAVED_DIRS = ("adapter", "model", "merged", STUDENT_BASE)
-RUN_OUTPUTS = (CHECKPOINTS, METRICS, TOPK, "summary.json", "summary.md", "loss_curve.png", GGUF_NAME, *_SAVED_DIRS,
+RUN_OUTPUTS = (CHECKPOINTS, METRICS, TOPK, DEV_SCORES, DEV_BEST, "summary.json", "summary.md", "loss_curve.png",
+               GGUF_NAME, *_SAVED_DIRS,
                *(f".staging-{d}" for d in _SAVED_DIRS), *(f".old-{d}" for d in _SAVED_DIRS))
 CHECKPOINT_PREFIX = "checkpoint"
 

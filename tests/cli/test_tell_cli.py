@@ -140,3 +140,60 @@ def test_neutral_anchor_arm_and_contradictory_anchor_flags(tmp_path, tiny_model_
     assert "contradict" in capsys.readouterr().err
     assert main(tell_args(tiny_model_dir, general_jsonl, tmp_path / "x", "--exposures", "2", "4")) == 2
     assert "--method sft" in capsys.readouterr().err
+
+
+def test_interrupted_sft_with_dev_selection_resumes_to_the_uninterrupted_run(tmp_path, tiny_model_dir,
+                                                                              general_jsonl, monkeypatch, capsys):
+    """A run cut off between two dev checkpoints resumes from its last saved step: the same dev scores, the same
+    chosen pass count and the same adapter as a run that was never interrupted (the sweep relies on this)."""
+    import os
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    import tellneo.recipes.training as tu
+
+    args = ("--method", "sft", "--with-anchor", "--max-steps", "-1", "--exposures", "1", "2", "3",
+            "--dev-samples", "4", "--lr-scheduler", "constant", "--save-steps", "2", "--lora-dropout", "0.1")
+    straight = tmp_path / "straight"
+    assert main(tell_args(tiny_model_dir, general_jsonl, straight, *args)) == 0
+    ref = json.loads((straight / "summary.json").read_text())
+    steps = ref["steps"]
+    assert steps >= 4  # 8 samples x 3 passes at batch 2: checkpoints at 2, 4, ... and dev scores at pass ends
+
+    stop_at = steps - 1
+
+    class InterruptLate(tu.MetricsJsonlCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == stop_at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(tu, "MetricsJsonlCallback", InterruptLate)
+        assert main(tell_args(tiny_model_dir, general_jsonl, out, *args)) == 130
+    assert "interrupted" in capsys.readouterr().err and not (out / "adapter").exists()
+    assert (out / "dev_selection.json").is_file()  # some passes were scored before the cut
+    assert main(tell_args(tiny_model_dir, general_jsonl, out, *args, "--resume")) == 0
+    got = json.loads((out / "summary.json").read_text())
+    assert got["steps"] == steps and got["selection"] == ref["selection"]
+    assert got["after"]["correct"] == ref["after"]["correct"]
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fresh_start_does_not_inherit_dev_scores_of_the_run_it_replaces(tmp_path, tiny_model_dir, general_jsonl):
+    """--overwrite (and --resume without a checkpoint) start over: the old run's dev scores and best weights go
+    with its other outputs, so the new run scores every pass itself."""
+    args = ("--method", "sft", "--max-steps", "-1", "--exposures", "1", "2", "--dev-samples", "4",
+            "--lr-scheduler", "constant", "--save-steps", "1000")
+    out = tmp_path / "sft"
+    assert main(tell_args(tiny_model_dir, general_jsonl, out, *args)) == 0
+    scores = json.loads((out / "dev_selection.json").read_text())["scores"]
+    fake = {k: dict(v, accuracy=2.0) for k, v in scores.items()}  # impossible accuracies: must not survive
+    (out / "dev_selection.json").write_text(json.dumps({"scores": fake}))
+    assert main(tell_args(tiny_model_dir, general_jsonl, out, *args, "--lr", "3e-3", "--overwrite")) == 0
+    fresh = json.loads((out / "dev_selection.json").read_text())["scores"]
+    assert set(fresh) == set(scores) and all(v["accuracy"] <= 1.0 for v in fresh.values())
