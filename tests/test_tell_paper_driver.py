@@ -142,3 +142,35 @@ def test_rows_are_rebuilt_from_kept_records_in_plan_order(tmp_path):
     got = [Arm(r["arm"], r["task"], int(r["task_samples"]), int(r["seed"]),
                float(r["general_per_task"]) if r["general_per_task"] != "" else None).label for r in rows]
     assert sorted(got) == sorted(a.label for a in arms) and got == sorted(got, key=order.index)
+
+
+def test_a_tell_arm_checkpoints_and_resumes_from_its_last_usable_checkpoint(tmp_path, monkeypatch):
+    """The runner overrides save_steps (not part of the config hash) and resumes only from a usable checkpoint;
+    the recipe's resume itself is tested end to end in tests/cli/test_tell_cli.py."""
+    import tellneo.recipes.tell as tell_recipe
+    from tellneo.io import config_hash
+
+    calls = []
+    monkeypatch.setattr(tell_recipe, "run_tell", lambda cfg, **kw: calls.append((cfg, kw)) or {"after": {}})
+    config = json.loads(json.dumps(tell_paper.config(Arm("tell", "json_record", 4, 0, 4.0), CPU)))
+    assert runner.tell_config(config, tmp_path).train.save_steps != runner.TELL_SAVE_STEPS
+    config_file = tmp_path / "arm_config.json"
+    config_file.write_text(json.dumps(config))
+    run_dir = tmp_path / "arm"
+    (run_dir / "checkpoints" / "checkpoint-20").mkdir(parents=True)  # no trainer_state.json: cut off mid-save
+
+    def record() -> dict:
+        assert runner.child_main(["tell", str(config_file), str(run_dir)]) == 0
+        return json.loads((run_dir / "arm.json").read_text())
+
+    first = record()
+    cfg, kw = calls[-1]
+    assert cfg.train.save_steps == runner.TELL_SAVE_STEPS and kw.get("overwrite") and not kw.get("resume")
+    assert first["attempt"] == {"save_steps": runner.TELL_SAVE_STEPS, "resumed_from": None}
+    assert first["config_hash"] == config_hash(config)
+
+    (run_dir / "checkpoints" / "checkpoint-10").mkdir()
+    (run_dir / "checkpoints" / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    second = record()
+    assert calls[-1][1].get("resume") and not calls[-1][1].get("overwrite")
+    assert second["attempt"]["resumed_from"] == "checkpoint-10" and second["config_hash"] == first["config_hash"]

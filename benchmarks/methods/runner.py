@@ -3,6 +3,11 @@
 The child runs the recipe, adds what the tables need that the recipe summary does not hold (git commit, a hash
 of the exact training and test data, the config hash) and writes ``arm.json`` atomically into the run
 directory. The parent (:func:`run_arm`) reuses an ``arm.json`` whose config hash matches, so a sweep resumes.
+
+A TELL arm also checkpoints every :data:`TELL_SAVE_STEPS` optimizer steps whatever its config's ``save_steps``
+(the recorded configs say 10,000, i.e. never, and changing them would change every config hash): a run cut off
+mid-way (a stopped session, a killed process) resumes from its last checkpoint instead of from step 0. Resuming
+reproduces the uninterrupted run (tests/cli/test_tell_cli.py); the record says which checkpoint it resumed from.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ from tellneo.io import atomic_write_text, config_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ("neo", "tell")
+TELL_SAVE_STEPS = 10  # ~2-3 min of a 1-thread SmolLM2 run; a checkpoint (adapter + Adam state) is ~60 MB
 
 
 def _records_hash(*record_lists: list[dict[str, Any]]) -> str:
@@ -62,7 +69,7 @@ def tell_config(config: dict[str, Any], run_dir: Path) -> Any:
     return TellConfig(**fields, lora=lora, train=train, output_dir=str(run_dir))
 
 
-def _neo(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
+def _neo(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
     from tellneo.recipes.distill import run_distill, split_distill_records
     from tellneo.recipes.records import general_records
 
@@ -71,23 +78,38 @@ def _neo(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
     seed = cfg.train.seed if cfg.eval_seed is None else cfg.eval_seed
     train, held_out, validation = split_distill_records(records, cfg.eval_samples, cfg.validation_samples, seed)
     lists = (train, held_out, validation) if validation else (train, held_out)  # no validation: the former hash
-    return run_distill(cfg, resume=True, progress=False), _records_hash(*lists)
+    return run_distill(cfg, resume=True, progress=False), _records_hash(*lists), {}
 
 
-def _tell(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str]:
+def _tell_start(run_dir: Path) -> tuple[dict[str, bool], dict[str, Any]]:
+    """How a TELL arm starts in ``run_dir``: ``run_tell`` keyword arguments and the record's ``attempt``.
+
+    A checkpoint: continue from it. None (a new run, or one cut off before its first checkpoint, possibly by an
+    older runner whose manifest named another ``save_steps``): start over; nothing is lost.
+    """
+    from tellneo.recipes.run_dir import CHECKPOINTS, last_checkpoint
+
+    checkpoint = last_checkpoint(run_dir / CHECKPOINTS)
+    start = {"resume": True} if checkpoint is not None else {"overwrite": True}
+    return start, {"save_steps": TELL_SAVE_STEPS, "resumed_from": checkpoint.name if checkpoint else None}
+
+
+def _tell(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
     from tellneo.recipes.records import general_records
     from tellneo.recipes.tell import dev_pairs, run_tell, task_data
 
-    cfg = tell_config(config, run_dir)
+    base = tell_config(config, run_dir)
+    cfg = replace(base, train=replace(base.train, save_steps=TELL_SAVE_STEPS))
+    start, attempt = _tell_start(run_dir)
     train, test, _, _, _ = task_data(cfg)
     if cfg.exposures is None:  # the former mix: its first G general records (the recorded hashes)
         general = general_records(cfg.general, cfg.general_samples)[0] if cfg.method == "tell" else []
-        return run_tell(cfg, resume=True, progress=False), _records_hash(train, test, general)
+        return run_tell(cfg, **start, progress=False), _records_hash(train, test, general), attempt
     # the counted mix draws from the whole pool: its description (with the pool's fingerprint) names it
     general = [{"source": general_records(cfg.general)[1]}] if cfg.method == "tell" else []
     dev = dev_pairs(cfg) if cfg.selecting else []
-    summary = run_tell(cfg, resume=True, progress=False, before_cache=run_dir.parent / "_before_cache")
-    return summary, _records_hash(train, test, dev, general)
+    summary = run_tell(cfg, **start, progress=False, before_cache=run_dir.parent / "_before_cache")
+    return summary, _records_hash(train, test, dev, general), attempt
 
 
 def child_main(argv: list[str]) -> int:
@@ -96,10 +118,13 @@ def child_main(argv: list[str]) -> int:
     run_dir_path = Path(run_dir)
     t0 = time.perf_counter()
     commit = git_commit(ROOT)  # the code the run starts with (edits during a long run must not relabel it)
-    summary, data_hash = (_neo if recipe == "neo" else _tell)(config, run_dir_path)
+    summary, data_hash, attempt = (_neo if recipe == "neo" else _tell)(config, run_dir_path)
     summary.pop("table", None)
+    # wall_s: this process only (a resumed run's earlier attempts are not in it; attempt says where it resumed)
     record = {"recipe": recipe, "config": config, "config_hash": config_hash(config), "data_hash": data_hash,
               "commit": commit, "wall_s": round(time.perf_counter() - t0, 1), "summary": summary}
+    if attempt:
+        record["attempt"] = attempt
     atomic_write_text(run_dir_path / "arm.json", json.dumps(record, indent=2, default=str))
     return 0
 
