@@ -24,6 +24,7 @@ from typing import ClassVar
 from tellneo.data import json_record
 from tellneo.data.calendar_text import DAYS_IN_MONTH as _DAYS_IN_MONTH
 from tellneo.data.calendar_text import MONTHS as _MONTHS
+from tellneo.data.calendar_text import is_leap as _is_leap
 from tellneo.data.calendar_text import ordinal as _ordinal
 
 __all__ = ["Task", "JsonRecordTask", "DATE_ISO", "JSON_RECORD", "TASKS", "TASK_NAMES", "SPLITS", "HELD_OUT_POOL",
@@ -37,7 +38,7 @@ HELD_OUT_POOL = 4096
 def _date_pair(rng: random.Random) -> dict[str, str]:
     year = rng.randint(1900, 2099)
     month = rng.randint(1, 12)
-    day = rng.randint(1, _DAYS_IN_MONTH[month - 1] if month != 2 or year % 4 == 0 else 28)
+    day = rng.randint(1, _DAYS_IN_MONTH[month - 1] if month != 2 or _is_leap(year) else 28)  # 1900 is not a leap year
     name = _MONTHS[month - 1]
     spoken = rng.choice(
         [

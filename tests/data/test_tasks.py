@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import random
 import re
 
 import pytest
@@ -200,3 +201,20 @@ def test_task_score_stays_text_exact_match_and_metrics_per_task():
     assert DATE_ISO.metrics("2001-05-01", "2001-05-01") == {"exact": 1.0}
     assert DATE_ISO.metrics("x", "2001-05-01") == {"exact": 0.0}
     assert set(JSON_RECORD.metrics("{}", REF)) == {"valid", "exact", *ALL}
+
+
+@pytest.mark.parametrize("year,last_day", [(1900, 28), (2000, 29), (2024, 29), (2023, 28)])
+def test_date_iso_draws_february_days_from_the_gregorian_calendar(year, last_day):
+    from tellneo.data.tasks import _date_pair
+
+    class LastDay(random.Random):  # the year and month asked for, then the largest day the generator allows
+        def __init__(self) -> None:
+            super().__init__(0)
+            self.script = [year, 2]
+
+        def randint(self, a: int, b: int) -> int:
+            return self.script.pop(0) if self.script else b
+
+    pair = _date_pair(LastDay())
+    assert pair["response"] == f"{year:04d}-02-{last_day:02d}"
+    dt.date.fromisoformat(pair["response"])
