@@ -137,7 +137,8 @@ def tokenize_records(
     """Tokenize records into a :class:`TokenStore` whose labels train assistant tokens only.
 
     ``prompt_prefix`` is put in front of the first user message (how the TELL recipe attaches an anchor prompt
-    in text form); ``system`` adds a system message where there is none. ``train_prompt=True`` trains every
+    in text form; a record without a user message, or a ``text`` record, is refused rather than silently left
+    without it); ``system`` adds a system message where there is none. ``train_prompt=True`` trains every
     token. ``source`` (e.g. ``"--task data.jsonl"``) starts every error message. Raises :class:`DataFileError`
     (a ValueError) when the chat template rejects a conversation or is not prefix-stable for a record (the
     prompt's tokens must be a prefix of the conversation's tokens; a response that starts with whitespace the
@@ -151,6 +152,10 @@ def tokenize_records(
     plain: list[bool] = []
     for i, rec in enumerate(records):
         _validate_record(rec, f"{lead}record {i}")
+        if prompt_prefix and ("text" in rec or not any(m["role"] == "user" for m in to_messages(rec))):
+            raise DataFileError(f"{lead}record {i} ({_describe(rec)}): prompt_prefix (e.g. an anchor prompt) goes in "
+                                "front of the first user message and this record has none; give it a user turn or "
+                                "tokenize it without prompt_prefix")
         if "text" in rec:
             texts.append(rec["text"] + (tokenizer.eos_token or ""))
             spans.append([])
@@ -158,10 +163,8 @@ def tokenize_records(
             continue
         msgs = to_messages(rec, system)
         if prompt_prefix:
-            first_user = next(j for j, m in enumerate(msgs) if m["role"] == "user") if any(
-                m["role"] == "user" for m in msgs) else None
-            if first_user is not None:
-                msgs[first_user] = {**msgs[first_user], "content": prompt_prefix + msgs[first_user]["content"]}
+            first_user = next(j for j, m in enumerate(msgs) if m["role"] == "user")
+            msgs[first_user] = {**msgs[first_user], "content": prompt_prefix + msgs[first_user]["content"]}
         turns = []
         where = f"{lead}record {i} ({_describe(rec)})"
         for j, m in enumerate(msgs):

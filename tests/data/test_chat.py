@@ -23,6 +23,20 @@ def test_system_then_assistant_still_tokenizes(smollm2_tokenizer):
     assert len(store) == 1 and (store.labels != -100).sum() > 0
 
 
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hello there."}]},
+    {"text": "Plain text has no user turn."},
+])
+def test_a_prompt_prefix_without_a_user_turn_is_refused_not_dropped(smollm2_tokenizer, record):
+    # the TELL anchor rides on prompt_prefix: a record it cannot attach to must not train silently without it
+    good = {"prompt": "What is it?", "response": "A test."}
+    anchored = tokenize_records([good], smollm2_tokenizer, prompt_prefix="ANCHOR. ")
+    assert anchored.tokens.size > tokenize_records([good], smollm2_tokenizer).tokens.size
+    with pytest.raises(DataFileError, match=r"^--task t.jsonl: record 1 .*prompt_prefix .* has none"):
+        tokenize_records([good, record], smollm2_tokenizer, prompt_prefix="ANCHOR. ", source="--task t.jsonl")
+    assert len(tokenize_records([record], smollm2_tokenizer)) == 1
+
+
 @pytest.mark.parametrize("reply", ["\n\nanswer", "  answer", "\t\nx"])
 def test_reply_with_leading_whitespace_names_record_and_fix(smollm2_tokenizer, reply):
     records = [{"prompt": "fine", "response": "ok"}, {"prompt": "What is it?", "response": reply}]
