@@ -203,7 +203,9 @@ class _PromptEncoder:
             prefix = torch.tensor([self.rows[0][: self.shared]], device=self.device)
             with torch.no_grad():
                 out = model(input_ids=prefix, use_cache=True)
-            cache = out.get("cache", out.get("past_key_values"))  # transformers >= 5.25 names it "cache"
+            # transformers >= 5.25 names it "cache"; a model returning a plain tuple (return_dict=False) has no
+            # cache we can find by name: fall back to plain batches
+            cache = out.get("cache", out.get("past_key_values")) if hasattr(out, "get") else None
             if hasattr(cache, "batch_repeat_interleave"):
                 self.cache = cache
         if self.cache is None:

@@ -87,3 +87,24 @@ def test_one_prompt_or_no_shared_prefix_falls_back_to_plain_batches(smollm2_toke
     assert enc.shared == 0 and enc.cache is None and enc.cache_argument not in enc.batch(0, 2)
     one = task_accuracy(model, tok, PAIRS[:1], score=lambda a, b: True, prompt_prefix=ANCHOR, max_new_tokens=4)
     assert one["n"] == 1 and one["per_prompt"] == [1]
+
+
+def test_a_model_returning_tuples_gets_plain_batches(smollm2_tokenizer, one_thread):
+    tok = smollm2_tokenizer
+    lm = _tiny_lm(tok)
+
+    class TupleLM(torch.nn.Module):  # forward returns a tuple, as return_dict=False models do
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, **kwargs):
+            return self.lm(**kwargs).to_tuple()
+
+    model = TupleLM()
+    texts = [render_prompt(tok, p["prompt"], prompt_prefix=ANCHOR) for p in PAIRS]
+    enc = _PromptEncoder(model, tok, texts, share_prefix=True)
+    assert enc.shared == 0 and enc.cache is None
+    whole = tok(texts, add_special_tokens=False)["input_ids"]
+    batch = enc.batch(0, len(texts))
+    assert [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])] == whole
