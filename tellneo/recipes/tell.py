@@ -478,6 +478,21 @@ def task_exposure(dataset: Any, steps: int, global_batch: int) -> dict[str, int]
     return totals
 
 
+def _scoring_code_digest() -> str:
+    """A digest of the code that turns a model into test scores (prompt rendering, generation, the generated tasks
+    and their scorers): part of the before-score cache key, so an edit to any of it is never answered from a cache
+    written by the old code."""
+    import hashlib
+
+    from tellneo.data import chat, json_record, tasks
+    from tellneo.recipes import evaluate
+
+    digest = hashlib.sha256()
+    for module in (chat, evaluate, json_record, tasks):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_tell(cfg: TellConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
              report_to: str | list[str] = "none", before_cache: str | Path | None = None) -> dict[str, Any]:
     """Run the TELL (or SFT-baseline) recipe; returns the summary (also written to ``summary.json``).
@@ -623,8 +638,8 @@ class _TellRun(RecipeRun):
 
         key = json.dumps({"model": model_source_id(self.cfg.model), "pairs": pairs, "prefix": self.prefix,
                           "answer_tokens": self.cfg.answer_tokens(), "batch": self.cfg.eval_batch_size,
-                          "task": None if self.cfg.task_file else self.cfg.task, "torch": torch.__version__},
-                         sort_keys=True)
+                          "task": None if self.cfg.task_file else self.cfg.task, "torch": torch.__version__,
+                          "code": _scoring_code_digest()}, sort_keys=True)
         return self.before_cache / f"before-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
     def callbacks(self) -> list[Any]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+from tellneo.recipes import tell
 from tellneo.recipes.tell import TellConfig, run_tell
 from tellneo.recipes.training import TrainSettings
 from tests.recipes.helpers import general_jsonl, one_thread, tiny_model_dir  # noqa: F401 (fixtures)
 
 
-def test_before_scores_are_cached_by_what_they_depend_on(tmp_path, tiny_model_dir, general_jsonl):
+def test_before_scores_are_cached_by_what_they_depend_on(tmp_path, tiny_model_dir, general_jsonl, monkeypatch):
     cache = tmp_path / "cache"
 
     def run(name, **changes):
@@ -26,3 +27,6 @@ def test_before_scores_are_cached_by_what_they_depend_on(tmp_path, tiny_model_di
     run("c", use_anchor=False)  # another prompt prefix
     run("d", seed=1)  # another seed's test prompts
     assert len(list(cache.glob("before-*.json"))) == 3
+    monkeypatch.setattr(tell, "_scoring_code_digest", lambda: "edited-scorer")  # the scoring code changed
+    run("e")
+    assert len(list(cache.glob("before-*.json"))) == 4
