@@ -77,7 +77,7 @@ def add_config_flag(p: argparse.ArgumentParser, command: str,
                                                                           args))
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
     """The ``config`` of a run manifest (or a plain JSON object of settings); UserError naming the problem."""
     from tellneo.commands._common import UserError
 
@@ -116,6 +116,6 @@ def config_defaults(config: dict[str, Any], p: argparse.ArgumentParser, command:
 
 def _reparse(p: argparse.ArgumentParser, command: str, translate: Any, parser: argparse.ArgumentParser,
              argv: Sequence[str] | None, args: argparse.Namespace) -> argparse.Namespace:
-    defaults = config_defaults(read_manifest(args.config), p, command, args.config, translate)
+    defaults = config_defaults(read_config_file(args.config), p, command, args.config, translate)
     p.set_defaults(**defaults)
     return parser.parse_args(argv)
