@@ -111,12 +111,12 @@ def add_run_dir_flags(g: argparse._ArgumentGroup) -> None:
 
 def add_save_flags(g: argparse._ArgumentGroup) -> None:
     """``--save-merged``, ``--merged-dtype``, ``--save-gguf`` (see :mod:`tellneo.recipes.outputs`)."""
-    from tellneo.recipes.outputs import MERGED_DTYPES
+    from tellneo._names import MERGED_DTYPE_NAMES  # the CLI's flags must not import torch
 
     g.add_argument("--save-merged", action="store_true",
                    help="also save OUTPUT_DIR/merged: the model with the LoRA adapter merged in, a plain HF "
                         "directory (lora mode; --mode full saves the whole model anyway)")
-    g.add_argument("--merged-dtype", default="fp32", choices=tuple(MERGED_DTYPES),
+    g.add_argument("--merged-dtype", default="fp32", choices=MERGED_DTYPE_NAMES,
                    help="dtype of the merged model and of the GGUF file")
     g.add_argument("--save-gguf", action="store_true",
                    help="also save OUTPUT_DIR/model.gguf: the merged (or fully trained) model with its tokenizer "

@@ -40,9 +40,7 @@ import math
 
 import torch
 
-#: The divergence names :func:`tellneo.ops.fused_linear_kd` accepts (public as ``tellneo.ops.DIVERGENCES``; the
-#: Triton kernels' integer codes are the positions in this tuple).
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+from tellneo._names import DIVERGENCES  # defined where the CLI can import it without torch
 
 # log-probability used for "exactly zero probability": exp() of it is 0 in fp32 and fp64, and differences of two
 # floors are exactly 0, so p * (log p - log q) is 0 instead of 0 * inf = nan.

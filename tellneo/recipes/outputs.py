@@ -22,12 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from tellneo._names import MERGED_DTYPE_NAMES
+
 __all__ = ["MERGED_DTYPES", "OUTPUT_OPTIONS", "STUDENT_BASE", "check_output_options", "merged_model",
            "check_gguf_export", "point_adapter_at", "save_model_outputs", "source_pre_tokenizer"]
 
 STUDENT_BASE = "student_base"
 GGUF_NAME = "model.gguf"
-MERGED_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MERGED_DTYPES: dict[str, torch.dtype] = {name: _TORCH_DTYPES[name] for name in MERGED_DTYPE_NAMES}
 # config fields that only choose what is saved: left out of a run's manifest, so adding them on --resume is the same run
 OUTPUT_OPTIONS = ("save_merged", "merged_dtype", "save_gguf")
 

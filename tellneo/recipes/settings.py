@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tellneo.ops.divergences import DIVERGENCES  # = tellneo.ops.DIVERGENCES, without importing the op modules
+from tellneo._names import DIVERGENCES  # = tellneo.ops.DIVERGENCES, without importing torch
 from tellneo.recipes.lora import LoraSettings
 
 __all__ = [
