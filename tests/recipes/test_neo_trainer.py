@@ -163,6 +163,8 @@ def test_interrupt_saves_a_checkpoint_and_stops(tmp_path):
 
     from tellneo.recipes.training import run_training
 
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background job
+
     class SendSigint(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == 2:
@@ -172,7 +174,7 @@ def test_interrupt_saves_a_checkpoint_and_stops(tmp_path):
     _, interrupted = run_training(trainer, None)
     assert interrupted and trainer.state.global_step == 3
     assert last_checkpoint(tmp_path / "ckpt").name == "checkpoint-3"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
     state = json.loads((tmp_path / "ckpt" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
 
@@ -209,6 +211,8 @@ def test_a_nan_loss_stops_before_its_update_and_keeps_the_last_good_checkpoint(t
     from tellneo.recipes.trainer_utils import NonFiniteError
     from tellneo.recipes.training import run_training
 
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background job
+
     class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):
             if state.global_step == 2:
@@ -226,7 +230,7 @@ def test_a_nan_loss_stops_before_its_update_and_keeps_the_last_good_checkpoint(t
     with pytest.raises(NonFiniteError, match=r"non-finite loss nan at step 3; training stopped before applying that "
                                              r"step, and the last good checkpoint is .*checkpoint-2: "):
         run_training(trainer, None)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored despite the error
+    assert signal.getsignal(signal.SIGINT) is before  # restored despite the error
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint-2"]
     now = _trainable_state(trainer.model)
     assert now.keys() == snap.after_step_2.keys() and all(torch.equal(now[k], snap.after_step_2[k]) for k in now)
